@@ -1,0 +1,121 @@
+"""The ``xdsfast`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from xdsfast import __version__
+
+
+class UsageError(Exception):
+    """Bad command-line or environment input: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from xdsfast import wire
+
+    print(f"xdsfast {__version__} (core: {wire.IMPLEMENTATION})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from xdsfast import log
+    from xdsfast.agent import Agent
+    from xdsfast.config import Config, ConfigError
+
+    try:
+        config = Config.build(vars(args), os.environ)
+        log.setup(config.log_level, config.log_format)
+        agent = Agent(config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        uvloop.run(agent.run_until_signalled())
+    except OSError as exc:
+        print(f"xdsfast: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_run_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--discovery-address",
+        metavar="ADDR",
+        help="istiod, as HOST:PORT or unix:PATH (default: PROXY_CONFIG's discoveryAddress, "
+        "else istiod.istio-system.svc:15012)",
+    )
+    run.add_argument(
+        "--xds-socket", metavar="PATH", help="Envoy's Unix socket (default ./etc/istio/proxy/XDS)"
+    )
+    run.add_argument("--xds-listen", metavar="HOST:PORT", help="also serve Envoy on TCP")
+    run.add_argument(
+        "--plaintext",
+        action="store_true",
+        default=None,
+        help="no TLS to istiod (implied by controlPlaneAuthPolicy: NONE)",
+    )
+    run.add_argument(
+        "--dns",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="consume NameTable for the DNS proxy (default: ISTIO_META_DNS_CAPTURE or "
+        "ISTIO_META_ENABLE_DNS_SERVER)",
+    )
+    run.add_argument(
+        "--dns-address", metavar="HOST:PORT", help="DNS proxy (default localhost:15053)"
+    )
+    run.add_argument(
+        "--resolv-conf", metavar="PATH", help="upstream resolvers (default /etc/resolv.conf)"
+    )
+    run.add_argument(
+        "--status-address", metavar="HOST:PORT", help="status server (default 0.0.0.0:15020)"
+    )
+    run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warn, error or none")
+    run.add_argument("--log-format", metavar="FORMAT", help="text or json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="xdsfast",
+        description="A fast drop-in replacement for the xDS proxy of Istio's sidecar agent.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    version = sub.add_parser(
+        "version", help="print the version and the active core (cython or python)"
+    )
+    version.set_defaults(func=_cmd_version)
+    run = sub.add_parser("run", help="relay Envoy's xDS streams to istiod (the agent's xDS proxy)")
+    _add_run_flags(run)
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        code: int = args.func(args)
+    except UsageError as exc:
+        print(f"xdsfast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
