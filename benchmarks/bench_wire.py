@@ -8,10 +8,9 @@ shared machine).
 from __future__ import annotations
 
 import importlib
-import sys
 import timeit
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from envoy.service.discovery.v3 import discovery_pb2 as pb
 
@@ -41,8 +40,8 @@ def peeker(impl: str) -> Callable[[bytes], Any]:
 
 
 class PeekResponse:
-    params = (["cython", "python", "protobuf"], ["cds_5mb", "eds_small"])
-    param_names = ["impl", "payload"]
+    params: ClassVar = (["cython", "python", "protobuf"], ["cds_5mb", "eds_small"])
+    param_names: ClassVar = ["impl", "payload"]
 
     def setup_cache(self) -> dict[str, bytes]:
         return payloads()
@@ -68,15 +67,18 @@ def _per_call(fn: Callable[[bytes], Any], data: bytes) -> float:
 
 def main() -> None:
     data = payloads()
-    print(f"{'payload':<10} {'bytes':>9} {'resources':>9}  {'cython':>10} {'python':>10} {'protobuf':>10}")
+    columns = " ".join(f"{impl:>10}" for impl in ("cython", "python", "protobuf"))
+    print(f"{'payload':<10} {'bytes':>9} {'resources':>9}  {columns}")
     for name, raw in data.items():
         count = peeker("cython")(raw).resource_count
         times = {impl: _per_call(peeker(impl), raw) for impl in ("cython", "python", "protobuf")}
         cells = " ".join(f"{times[i] * 1e6:>8.2f}µs" for i in ("cython", "python", "protobuf"))
         print(f"{name:<10} {len(raw):>9} {count:>9}  {cells}")
-        print(f"{'':<31} protobuf/cython = {times['protobuf'] / times['cython']:.0f}x, "
-              f"python/cython = {times['python'] / times['cython']:.0f}x")
+        print(
+            f"{'':<31} protobuf/cython = {times['protobuf'] / times['cython']:.0f}x, "
+            f"python/cython = {times['python'] / times['cython']:.0f}x"
+        )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
+import orjson
 import pytest
+from conftest import XdsfastFactory
 
 import xdsfast
 from xdsfast import wire
+from xdsfast.demo.adsclient import AdsClient
+from xdsfast.demo.controlplane import CLUSTER, ControlPlane
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,7 +32,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_help_lists_subcommands() -> None:
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("version",):
+    for command in ("version", "run", "demo"):
         assert command in out.stdout
 
 
@@ -47,4 +54,109 @@ def test_bad_usage_is_one_line_exit_2(args: tuple[str, ...]) -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("xdsfast: error: ")
+    assert "Traceback" not in out.stderr
+
+
+# -- xdsfast run ------------------------------------------------------------------------------
+
+BAD_RUN = {
+    "discovery address": (["--plaintext", "--discovery-address", "nohost"], {}),
+    "discovery port": (["--plaintext", "--discovery-address", "h:99999"], {}),
+    "log level": (["--plaintext", "--log-level", "loud"], {}),
+    "log format": (["--plaintext", "--log-format", "xml"], {}),
+    "xds listen": (["--plaintext", "--xds-listen", "localhost"], {}),
+    "dns capture": (["--plaintext"], {"ISTIO_META_DNS_CAPTURE": "maybe"}),
+    "keepalive": (["--plaintext"], {"GRPC_KEEPALIVE_INTERVAL": "soon"}),
+    "max recv": (["--plaintext"], {"ISTIO_GPRC_MAXRECVMSGSIZE": "-4"}),
+    "proxy config": (["--plaintext"], {"PROXY_CONFIG": "discoveryAddress: [unclosed"}),
+    "proxy config type": (["--plaintext"], {"PROXY_CONFIG": "[1, 2]"}),
+    "xds header": (["--plaintext"], {"XDS_HEADER_BAD NAME": "x"}),
+    "no tls yet": ([], {}),
+    "unknown flag": (["--plaintext", "--frobnicate"], {}),
+}
+
+
+@pytest.mark.parametrize(("args", "env"), BAD_RUN.values(), ids=BAD_RUN.keys())
+def test_run_rejects_bad_input_in_one_line(
+    args: list[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("XDS_HEADER_", "PROXY_"))}
+    out = run_cli("run", "--xds-socket", str(tmp_path / "XDS"), *args, env={**full_env, **env})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("xdsfast: error: ")
+    assert not (tmp_path / "XDS").exists()
+
+
+def test_run_without_plaintext_says_why(tmp_path: Path) -> None:
+    out = run_cli("run", "--xds-socket", str(tmp_path / "XDS"))
+    assert "TLS to istiod is not supported yet" in out.stderr
+
+
+async def test_run_serves_and_stops_cleanly_on_sigterm(
+    xdsfast_run: XdsfastFactory, control_plane: ControlPlane
+) -> None:
+    relay = await xdsfast_run("--discovery-address", control_plane.address)
+    path = relay.socket_path
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666
+    client = AdsClient(f"unix:{path}")
+    await client.open()
+    await client.request(CLUSTER)
+    await control_plane.wait_for_request(lambda r: r.type_url == CLUSTER)
+    await client.close()
+    assert await relay.stop() == 0
+    assert not path.exists()
+    assert b"Traceback" not in relay.stderr
+
+
+async def test_run_replaces_a_stale_socket_and_creates_the_directory(
+    xdsfast_run: XdsfastFactory, control_plane: ControlPlane, short_tmp: Path
+) -> None:
+    stale = short_tmp / "p0" / "XDS"
+    stale.parent.mkdir()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))  # left behind by a previous agent: nobody listens
+    relay = await xdsfast_run("--discovery-address", control_plane.address)
+    assert relay.socket_path == stale
+    client = AdsClient(f"unix:{stale}")
+    await client.open()
+    await client.request(CLUSTER)
+    await control_plane.wait_for_request(lambda r: r.type_url == CLUSTER)
+    await client.close()
+
+
+async def test_run_takes_istiod_and_plaintext_from_proxy_config(
+    xdsfast_run: XdsfastFactory, control_plane: ControlPlane, short_tmp: Path
+) -> None:
+    proxy_config = f"discoveryAddress: {control_plane.address}\ncontrolPlaneAuthPolicy: NONE\n"
+    relay = await xdsfast_run("--log-format", "json", env={"PROXY_CONFIG": proxy_config})
+    client = AdsClient(f"unix:{relay.socket_path}")
+    await client.open()
+    await client.request(CLUSTER)
+    await control_plane.wait_for_request(lambda r: r.type_url == CLUSTER)
+    await client.close()
+    assert await relay.stop() == 0
+    entries = [orjson.loads(line) for line in relay.stderr.splitlines() if line.startswith(b"{")]
+    assert entries, relay.stderr
+    assert {"time", "level", "scope", "msg"} <= set(entries[0])
+    assert any(e["scope"] == "xdsproxy" and e["msg"] == "Envoy stream established" for e in entries)
+
+
+def test_run_reports_a_listener_it_cannot_open(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = run_cli(
+            "run",
+            "--plaintext",
+            "--xds-socket",
+            str(tmp_path / "XDS"),
+            "--xds-listen",
+            f"127.0.0.1:{port}",
+        )
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("xdsfast: error:")
     assert "Traceback" not in out.stderr

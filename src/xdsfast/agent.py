@@ -1,0 +1,87 @@
+"""The agent's xDS side wired together: relay, engines, DNS table, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from xdsfast import log
+from xdsfast.config import Config, ConfigError
+from xdsfast.dns.table import DnsTable
+from xdsfast.engines.grpcio import DialSettings, GrpcioDialer, GrpcioServer, ServerSettings
+from xdsfast.intercept import Interceptor, NameTableInterceptor
+from xdsfast.metrics import Metrics
+from xdsfast.relay import Relay
+
+_log = log.scope("xdsproxy")
+
+
+class Agent:
+    """What ``xdsfast run`` runs: Envoy's xDS server, relayed to istiod."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        if not config.plaintext:
+            raise ConfigError(
+                "TLS to istiod is not supported yet: pass --plaintext, or set "
+                "controlPlaneAuthPolicy: NONE in PROXY_CONFIG"
+            )
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.dns_table = DnsTable()
+        interceptors: list[Interceptor] = []
+        if config.dns_enabled:
+            interceptors.append(NameTableInterceptor(self.dns_table))
+        dialer = GrpcioDialer(
+            DialSettings(
+                target=config.discovery_address,
+                keepalive_interval=config.keepalive_interval,
+                keepalive_timeout=config.keepalive_timeout,
+            )
+        )
+        self.relay = Relay(
+            dialer,
+            self.metrics,
+            interceptors=interceptors,
+            cluster_id=config.cluster_id,
+            xds_headers=config.xds_headers,
+        )
+        self.server = GrpcioServer(
+            self.relay.handle,
+            ServerSettings(
+                max_recv_msg_size=config.max_recv_msg_size,
+                max_concurrent_streams=config.max_concurrent_streams,
+                keepalive_interval=config.keepalive_interval,
+                keepalive_timeout=config.keepalive_timeout,
+            ),
+        )
+
+    async def start(self) -> None:
+        """Listen for Envoy; raises OSError when a listener cannot be set up."""
+        c = self.config
+        await self.server.start(c.xds_socket, c.xds_listen)
+        where = [f"unix:{c.xds_socket}"]
+        if self.server.tcp_port is not None:
+            host = c.xds_listen.rpartition(":")[0] if c.xds_listen else ""
+            where.append(f"{host}:{self.server.tcp_port}")
+        _log.info(
+            "xDS proxy serving",
+            extra=log.fields(
+                listen=",".join(where), upstream=c.discovery_address, dns=c.dns_enabled
+            ),
+        )
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1.0)
+        _log.info("xDS proxy stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGINT or SIGTERM, then stop cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,250 @@
+"""One typed configuration, built from flags and Istio's environment variables in one place.
+
+Flags win over the environment; environment names and defaults are Istio's.
+Anything invalid raises :class:`ConfigError`, which the CLI reports in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
+DEFAULT_CONFIG_PATH = "./etc/istio/proxy"
+DEFAULT_DNS_ADDRESS = "localhost:15053"
+DEFAULT_STATUS_ADDRESS = "0.0.0.0:15020"
+XDS_HEADER_PREFIX = "XDS_HEADER_"
+LOG_LEVELS = ("debug", "info", "warn", "error", "none")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """A flag or environment value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``xdsfast run`` needs."""
+
+    discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
+    plaintext: bool = False
+    xds_socket: str = f"{DEFAULT_CONFIG_PATH}/XDS"
+    xds_listen: str | None = None
+    dns_enabled: bool = False
+    dns_address: str = DEFAULT_DNS_ADDRESS
+    resolv_conf: str = "/etc/resolv.conf"
+    status_address: str = DEFAULT_STATUS_ADDRESS
+    log_level: str = "info"
+    log_format: str = "text"
+    cluster_id: str = ""
+    xds_headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    max_recv_msg_size: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 100_000
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
+
+    @classmethod
+    def build(cls, flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+        """Combine parsed flags (None = not given) with the environment."""
+        proxy_config = _proxy_config(env.get("PROXY_CONFIG", ""))
+        discovery = _first(
+            flags.get("discovery_address"),
+            proxy_config.get("discoveryAddress"),
+            DEFAULT_DISCOVERY_ADDRESS,
+        )
+        check_address(discovery, "discovery address", allow_unix=True)
+        config_path = str(proxy_config.get("configPath") or DEFAULT_CONFIG_PATH)
+        plaintext = bool(flags.get("plaintext")) or (
+            str(proxy_config.get("controlPlaneAuthPolicy", "")).upper() == "NONE"
+        )
+        dns_flag = flags.get("dns")
+        dns_enabled = (
+            dns_flag
+            if dns_flag is not None
+            else _bool(env, "ISTIO_META_DNS_CAPTURE") or _bool(env, "ISTIO_META_ENABLE_DNS_SERVER")
+        )
+        xds_listen = flags.get("xds_listen")
+        if xds_listen:
+            check_address(xds_listen, "--xds-listen", allow_port_zero=True)
+        dns_address = _first(
+            flags.get("dns_address"), env.get("DNS_PROXY_ADDR"), DEFAULT_DNS_ADDRESS
+        )
+        check_address(dns_address, "DNS address", allow_port_zero=True)
+        status_address = _first(flags.get("status_address"), None, DEFAULT_STATUS_ADDRESS)
+        check_address(status_address, "status address", allow_port_zero=True)
+        log_level = _first(flags.get("log_level"), None, "info").lower()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}"
+            )
+        log_format = _first(flags.get("log_format"), None, "text")
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format must be text or json, not {log_format!r}")
+        return cls(
+            discovery_address=discovery,
+            plaintext=plaintext,
+            xds_socket=_first(flags.get("xds_socket"), None, f"{config_path.rstrip('/')}/XDS"),
+            xds_listen=xds_listen or None,
+            dns_enabled=bool(dns_enabled),
+            dns_address=dns_address,
+            resolv_conf=_first(flags.get("resolv_conf"), None, "/etc/resolv.conf"),
+            status_address=status_address,
+            log_level=log_level,
+            log_format=log_format,
+            cluster_id=env.get("ISTIO_META_CLUSTER_ID", ""),
+            xds_headers=xds_headers(env),
+            max_recv_msg_size=_int(env, "ISTIO_GPRC_MAXRECVMSGSIZE", 4 * 1024 * 1024),
+            max_concurrent_streams=_int(env, "ISTIO_GPRC_MAXSTREAMS", 100_000),
+            keepalive_interval=_duration(env, "GRPC_KEEPALIVE_INTERVAL", 30.0),
+            keepalive_timeout=_duration(env, "GRPC_KEEPALIVE_TIMEOUT", 10.0),
+        )
+
+    @property
+    def upstream_target(self) -> str:
+        """The discovery address as a gRPC target."""
+        return self.discovery_address
+
+
+def _first(*values: Any) -> str:
+    for value in values:
+        if value is not None and value != "":
+            return str(value)
+    return ""
+
+
+def _proxy_config(text: str) -> dict[str, Any]:
+    """Istio's ``PROXY_CONFIG``: a ProxyConfig in YAML or JSON."""
+    if not text.strip():
+        return {}
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"PROXY_CONFIG is not valid YAML or JSON: {first}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("PROXY_CONFIG must be a ProxyConfig object (YAML or JSON)")
+    return value
+
+
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    """Go's strconv.ParseBool, which Istio's env vars use; empty means unset."""
+    value = env.get(name, "")
+    if value == "" or value in _FALSE:
+        return False
+    if value in _TRUE:
+        return True
+    raise ConfigError(f"{name}={value!r} is not a boolean (true or false)")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    if value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not an integer") from None
+    if number <= 0:
+        raise ConfigError(f"{name}={value!r} must be positive")
+    return number
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go's time.ParseDuration (``30s``, ``1m30s``, ``500ms``), in seconds."""
+    if text == "0":
+        return 0.0
+    pos = 0
+    total = 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(text)
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0:
+        raise ValueError(text)
+    return total
+
+
+def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+    value = env.get(name, "")
+    if value == "":
+        return default
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a duration (like 30s or 1m)") from None
+    if seconds <= 0:
+        raise ConfigError(f"{name}={value!r} must be positive")
+    return seconds
+
+
+_HEADER_NAME = re.compile(r"^[0-9a-z_.-]+$")
+
+
+def xds_headers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Every ``XDS_HEADER_<NAME>=<value>`` as gRPC metadata ``<name>: value``."""
+    headers = []
+    for key in sorted(env):
+        if not key.startswith(XDS_HEADER_PREFIX) or key == XDS_HEADER_PREFIX:
+            continue
+        name = key[len(XDS_HEADER_PREFIX) :].lower()
+        value = env[key]
+        if not _HEADER_NAME.match(name) or name.startswith("grpc-"):
+            raise ConfigError(f"{key}: {name!r} cannot be a gRPC metadata key")
+        if name.endswith("-bin") or not all(" " <= c <= "~" for c in value):
+            raise ConfigError(f"{key}: the value must be printable ASCII")
+        headers.append((name, value))
+    return tuple(headers)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(address)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(address)
+    return host, int(port)
+
+
+def check_address(
+    address: str, what: str, *, allow_unix: bool = False, allow_port_zero: bool = False
+) -> None:
+    """Reject anything that is not HOST:PORT (or unix:PATH where allowed)."""
+    if allow_unix and address.startswith("unix:"):
+        if len(address) <= len("unix:"):
+            raise ConfigError(f"{what} {address!r}: unix: needs a path")
+        return
+    try:
+        _, port = split_host_port(address)
+    except ValueError:
+        expected = "HOST:PORT or unix:PATH" if allow_unix else "HOST:PORT"
+        raise ConfigError(f"{what} {address!r} is not {expected}") from None
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ConfigError(f"{what} {address!r}: port out of range")
+
+
+def from_environment(flags: Mapping[str, Any]) -> Config:
+    return Config.build(flags, os.environ)
+
+
+def dump(config: Config) -> str:
+    """The configuration as one JSON line (no secrets are held here)."""
+    return json.dumps(config.__dict__, default=list)

@@ -1,0 +1,118 @@
+"""Types the agent consumes itself instead of forwarding (NameTable now).
+
+For each: the request the agent makes after Envoy's first LDS request, how a
+response is applied, and the ACK or NACK the agent sends upstream for it.
+Only these responses are ever decoded; everything else stays opaque bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+
+from xdsfast import xds_pb2
+from xdsfast.dns.table import DnsTable
+from xdsfast.engines import Mode
+from xdsfast.nds_pb2 import NameTable
+
+NAME_TABLE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+WORKLOAD = "type.googleapis.com/istio.workload.Workload"
+ENVOY_PREFIX = "type.googleapis.com/envoy."
+INTERNAL = 13  # google.rpc.Code.INTERNAL, what Istio's agent NACKs with
+
+
+def is_forwarded(type_url: str) -> bool:
+    """Istio's allow-list of what may reach Envoy."""
+    return type_url.startswith(ENVOY_PREFIX) or type_url == WORKLOAD
+
+
+def subscribe(mode: Mode, type_url: str) -> bytes:
+    """The agent's own wildcard request for a type (no node: Envoy's first message had it)."""
+    if mode is Mode.SOTW:
+        return xds_pb2.DiscoveryRequest(type_url=type_url).SerializeToString()
+    return xds_pb2.DeltaDiscoveryRequest(type_url=type_url).SerializeToString()
+
+
+def acknowledge(mode: Mode, type_url: str, version: str, nonce: str, error: str | None) -> bytes:
+    """An ACK, or a NACK with error_detail (code 13) when ``error`` is given."""
+    request: xds_pb2.DiscoveryRequest | xds_pb2.DeltaDiscoveryRequest
+    if mode is Mode.SOTW:
+        request = xds_pb2.DiscoveryRequest(
+            version_info=version, type_url=type_url, response_nonce=nonce
+        )
+    else:
+        request = xds_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
+    if error is not None:
+        request.error_detail.code = INTERNAL
+        request.error_detail.message = error
+    return request.SerializeToString()
+
+
+class Interceptor(Protocol):
+    """One type the agent consumes."""
+
+    type_url: str
+
+    def apply(self, value: bytes, version: str) -> None:
+        """Apply the first resource's bytes; raise ValueError to NACK."""
+
+
+class NameTableInterceptor:
+    """NameTable (NDS) pushes feed the DNS table."""
+
+    type_url = NAME_TABLE
+
+    def __init__(self, table: DnsTable) -> None:
+        self.table = table
+
+    def apply(self, value: bytes, version: str) -> None:
+        try:
+            name_table = NameTable.FromString(value)
+        except DecodeError as exc:
+            raise ValueError(f"cannot decode NameTable: {exc}") from exc
+        self.table.update(name_table, version)
+
+
+def first_resource(mode: Mode, data: bytes) -> tuple[str, bytes] | None:
+    """(type_url, value) of the response's first resource; None if it has none.
+
+    Raises ValueError if the response cannot be decoded.
+    """
+    try:
+        if mode is Mode.SOTW:
+            response = xds_pb2.DiscoveryResponse.FromString(data)
+            if not response.resources:
+                return None
+            first = response.resources[0]
+        else:
+            delta = xds_pb2.DeltaDiscoveryResponse.FromString(data)
+            if not delta.resources:
+                return None
+            first = delta.resources[0].resource
+    except DecodeError as exc:
+        raise ValueError(f"cannot decode response: {exc}") from exc
+    return first.type_url, first.value
+
+
+def consume(
+    interceptor: Interceptor, mode: Mode, data: bytes, version: str, nonce: str
+) -> tuple[bytes | None, str | None]:
+    """Apply a response of an intercepted type.
+
+    Returns (the ACK/NACK to send upstream, the error if it was a NACK).  A
+    response with no resources is neither applied nor acknowledged, as Istio.
+    """
+    try:
+        first = first_resource(mode, data)
+        if first is None:
+            return None, None
+        type_url, value = first
+        if type_url != interceptor.type_url:
+            raise ValueError(f"unexpected resource type {type_url!r}")
+        interceptor.apply(value, version)
+    except ValueError as exc:
+        error = str(exc)
+        return acknowledge(mode, interceptor.type_url, version, nonce, error), error
+    return acknowledge(mode, interceptor.type_url, version, nonce, None), None

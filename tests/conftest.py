@@ -1,0 +1,140 @@
+"""Fixtures for the real xDS peers (control plane, backend, short temp dirs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from xdsfast.demo.backend import Backend
+from xdsfast.demo.controlplane import ControlPlane
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir under /tmp with a short name: Unix socket paths must stay <= 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="xf", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def control_plane() -> AsyncIterator[ControlPlane]:
+    """A started istiod stand-in on 127.0.0.1 (kernel-picked port)."""
+    cp = ControlPlane("127.0.0.1:0")
+    await cp.start()
+    try:
+        yield cp
+    finally:
+        await cp.stop()
+
+
+@pytest_asyncio.fixture
+async def backend() -> AsyncIterator[Backend]:
+    """The sample HTTP backend on 127.0.0.1 (kernel-picked port)."""
+    async with Backend() as server:
+        yield server
+
+
+class XdsfastProcess:
+    """``xdsfast run`` as a real process, stopped (SIGTERM) after the test."""
+
+    def __init__(self, args: list[str], env: dict[str, str], socket_path: Path) -> None:
+        self.args = args
+        self.env = env
+        self.socket_path = socket_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr = b""
+
+    async def start(self, timeout: float = 20.0) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "xdsfast",
+            "run",
+            *self.args,
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.proc.stderr is not None
+        lines: list[bytes] = []
+        try:
+            async with asyncio_timeout(timeout):
+                while b"xDS proxy serving" not in (lines[-1] if lines else b""):
+                    line = await self.proc.stderr.readline()
+                    if not line:
+                        break
+                    lines.append(line)
+        except TimeoutError:
+            pass
+        self.stderr = b"".join(lines)
+        if b"xDS proxy serving" not in self.stderr:
+            raise RuntimeError(f"xdsfast did not start:\n{self.stderr.decode()}")
+        self._drain = asyncio.ensure_future(self._read_rest())
+
+    async def _read_rest(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.stderr += line
+
+    async def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            raise
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drain, timeout)
+        return code
+
+
+@contextlib.asynccontextmanager
+async def asyncio_timeout(seconds: float) -> AsyncIterator[None]:
+    """``asyncio.timeout`` for Python 3.10 too: raises the builtin TimeoutError."""
+    task = asyncio.current_task()
+    assert task is not None
+    handle = asyncio.get_running_loop().call_later(seconds, task.cancel)
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise TimeoutError(f"timed out after {seconds}s") from None
+    finally:
+        handle.cancel()
+
+
+XdsfastFactory = Callable[..., Awaitable[XdsfastProcess]]
+
+
+@pytest_asyncio.fixture
+async def xdsfast_run(short_tmp: Path) -> AsyncIterator[XdsfastFactory]:
+    """Start ``xdsfast run --plaintext --xds-socket <tmp>/XDS ARGS...`` as a process."""
+    started: list[XdsfastProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> XdsfastProcess:
+        socket_path = short_tmp / f"p{len(started)}" / "XDS"
+        full = ["--plaintext", "--xds-socket", str(socket_path), *args]
+        proc = XdsfastProcess(full, {**os.environ, **(env or {})}, socket_path)
+        await proc.start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(Exception):
+            await proc.stop()
