@@ -89,11 +89,11 @@ class XdsfastProcess:
         while line := await self.proc.stderr.readline():
             self.stderr += line
 
-    async def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+    async def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        """Signal (SIGTERM by default) and wait; returns the exit code."""
         assert self.proc is not None
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             code = await asyncio.wait_for(self.proc.wait(), timeout)
         except asyncio.TimeoutError:

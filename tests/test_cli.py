@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -94,8 +95,9 @@ def test_run_without_plaintext_says_why(tmp_path: Path) -> None:
     assert "TLS to istiod is not supported yet" in out.stderr
 
 
-async def test_run_serves_and_stops_cleanly_on_sigterm(
-    xdsfast_run: XdsfastFactory, control_plane: ControlPlane
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_run_serves_and_stops_cleanly_on_a_signal(
+    xdsfast_run: XdsfastFactory, control_plane: ControlPlane, sig: int
 ) -> None:
     relay = await xdsfast_run("--discovery-address", control_plane.address)
     path = relay.socket_path
@@ -106,7 +108,7 @@ async def test_run_serves_and_stops_cleanly_on_sigterm(
     await client.request(CLUSTER)
     await control_plane.wait_for_request(lambda r: r.type_url == CLUSTER)
     await client.close()
-    assert await relay.stop() == 0
+    assert await relay.stop(sig=sig) == 0
     assert not path.exists()
     assert b"Traceback" not in relay.stderr
 

@@ -437,3 +437,15 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(poll(), timeout)
+
+
+async def test_requests_over_the_receive_limit_end_the_stream(
+    make_agent: AgentFactory, control_plane: ControlPlane, clients: list[AdsClient]
+) -> None:
+    """ISTIO_GPRC_MAXRECVMSGSIZE bounds what Envoy may send (4 MiB by default)."""
+    agent = await make_agent(discovery_address=control_plane.address, max_recv_msg_size=4096)
+    client = await connect(agent, clients, False)
+    await client.request(CLUSTER, ["x" * 5000])
+    status = await client.wait_closed()
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not any(r.type_url == CLUSTER for r in control_plane.requests)
