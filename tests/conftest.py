@@ -67,6 +67,7 @@ class XdsfastProcess:
             env=self.env,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            cwd=self.socket_path.parent,  # Istio's relative defaults land in the temp dir
         )
         assert self.proc.stderr is not None
         lines: list[bytes] = []
@@ -128,6 +129,7 @@ async def xdsfast_run(short_tmp: Path) -> AsyncIterator[XdsfastFactory]:
 
     async def start(*args: str, env: dict[str, str] | None = None) -> XdsfastProcess:
         socket_path = short_tmp / f"p{len(started)}" / "XDS"
+        socket_path.parent.mkdir(exist_ok=True)
         full = ["--plaintext", "--xds-socket", str(socket_path), *args]
         proc = XdsfastProcess(full, {**os.environ, **(env or {})}, socket_path)
         await proc.start()

@@ -117,7 +117,7 @@ async def test_run_replaces_a_stale_socket_and_creates_the_directory(
     xdsfast_run: XdsfastFactory, control_plane: ControlPlane, short_tmp: Path
 ) -> None:
     stale = short_tmp / "p0" / "XDS"
-    stale.parent.mkdir()
+    stale.parent.mkdir(exist_ok=True)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(stale))  # left behind by a previous agent: nobody listens
     relay = await xdsfast_run("--discovery-address", control_plane.address)

@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 from xdsfast import log
+from xdsfast.bootstrap import grpc_bootstrap, write_grpc_bootstrap
 from xdsfast.config import Config, ConfigError
 from xdsfast.dns.table import DnsTable
 from xdsfast.engines.grpcio import DialSettings, GrpcioDialer, GrpcioServer, ServerSettings
@@ -59,6 +60,9 @@ class Agent:
         """Listen for Envoy; raises OSError when a listener cannot be set up."""
         c = self.config
         await self.server.start(c.xds_socket, c.xds_listen)
+        if c.grpc_bootstrap:
+            document = grpc_bootstrap(c.xds_socket, c.node_id, dict(c.node_metadata))
+            write_grpc_bootstrap(c.grpc_bootstrap, document)
         where = [f"unix:{c.xds_socket}"]
         if self.server.tcp_port is not None:
             host = c.xds_listen.rpartition(":")[0] if c.xds_listen else ""

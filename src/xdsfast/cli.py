@@ -101,6 +101,13 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--status-address", metavar="HOST:PORT", help="status server (default 0.0.0.0:15020)"
     )
+    run.add_argument(
+        "--grpc-bootstrap",
+        metavar="PATH",
+        help="write the proxyless gRPC xDS bootstrap here (default: GRPC_XDS_BOOTSTRAP, "
+        "else ./etc/istio/proxy/grpc-bootstrap.json)",
+    )
+    run.add_argument("--node-id", metavar="ID", help="node id in the gRPC bootstrap")
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warn, error or none")
     run.add_argument("--log-format", metavar="FORMAT", help="text or json")
 

@@ -48,6 +48,9 @@ class Config:
     max_concurrent_streams: int = 100_000
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 10.0
+    grpc_bootstrap: str | None = None  # where to write the proxyless gRPC bootstrap, if at all
+    node_id: str = "sidecar~127.0.0.1~xdsfast.default~default.svc.cluster.local"
+    node_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     @classmethod
     def build(cls, flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
@@ -103,6 +106,13 @@ class Config:
             max_concurrent_streams=_int(env, "ISTIO_GPRC_MAXSTREAMS", 100_000),
             keepalive_interval=_duration(env, "GRPC_KEEPALIVE_INTERVAL", 30.0),
             keepalive_timeout=_duration(env, "GRPC_KEEPALIVE_TIMEOUT", 10.0),
+            grpc_bootstrap=_first(
+                flags.get("grpc_bootstrap"),
+                env.get("GRPC_XDS_BOOTSTRAP"),
+                f"{config_path.rstrip('/')}/grpc-bootstrap.json",
+            ),
+            node_id=_first(flags.get("node_id"), None, node_id(env)),
+            node_metadata=node_metadata(env),
         )
 
     @property
@@ -210,6 +220,24 @@ def xds_headers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"{key}: the value must be printable ASCII")
         headers.append((name, value))
     return tuple(headers)
+
+
+def node_id(env: Mapping[str, str]) -> str:
+    """Istio's sidecar node id: ``sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local``."""
+    namespace = env.get("POD_NAMESPACE") or "default"
+    pod = env.get("POD_NAME") or "xdsfast"
+    ip = (env.get("INSTANCE_IP") or "127.0.0.1").split(",")[0]
+    return f"sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local"
+
+
+def node_metadata(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Node metadata as Istio's agent forms it: ``ISTIO_META_<KEY>`` becomes ``<KEY>``."""
+    meta = {k[len("ISTIO_META_") :]: v for k, v in env.items() if k.startswith("ISTIO_META_")}
+    if env.get("POD_NAMESPACE"):
+        meta.setdefault("NAMESPACE", env["POD_NAMESPACE"])
+    if env.get("INSTANCE_IP"):
+        meta.setdefault("INSTANCE_IPS", env["INSTANCE_IP"])
+    return tuple(sorted(meta.items()))
 
 
 def split_host_port(address: str) -> tuple[str, int]:

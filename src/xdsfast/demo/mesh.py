@@ -19,7 +19,7 @@ from envoy.config.core.v3 import (
     protocol_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -171,6 +171,37 @@ def endpoints(
             )
         ],
     )
+
+
+def proxyless_mesh(service: str, port: int) -> Mesh:
+    """What a proxyless gRPC client needs for ``xds:///<service>``: an API listener named
+    after the service (routes over RDS), its route, an EDS cluster and one endpoint."""
+    route_name, cluster = f"{service}-route", f"{service}-cluster"
+    manager = hcm_pb2.HttpConnectionManager(
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_name),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
+            )
+        ],
+    )
+    api = listener_pb2.Listener(
+        name=service, api_listener=api_listener_pb2.ApiListener(api_listener=_any(manager))
+    )
+    rule = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix=""),
+        route=route_components_pb2.RouteAction(cluster=cluster),
+    )
+    assignment = endpoints(port, cluster=cluster)
+    for group in assignment.endpoints:  # gRPC's xDS client wants weighted localities
+        group.locality.region = "local"
+        group.load_balancing_weight.value = 1
+    return {
+        CLUSTER: {cluster: eds_cluster(cluster)},
+        ENDPOINT: {cluster: assignment},
+        LISTENER: {service: api},
+        ROUTE: {route_name: _route_config(route_name, rule)},
+    }
 
 
 def sample_name_table() -> nds_pb2.NameTable:
