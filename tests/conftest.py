@@ -127,10 +127,13 @@ async def xdsfast_run(short_tmp: Path) -> AsyncIterator[XdsfastFactory]:
     """Start ``xdsfast run --plaintext --xds-socket <tmp>/XDS ARGS...`` as a process."""
     started: list[XdsfastProcess] = []
 
-    async def start(*args: str, env: dict[str, str] | None = None) -> XdsfastProcess:
+    async def start(
+        *args: str, env: dict[str, str] | None = None, plaintext: bool = True
+    ) -> XdsfastProcess:
         socket_path = short_tmp / f"p{len(started)}" / "XDS"
         socket_path.parent.mkdir(exist_ok=True)
-        full = ["--plaintext", "--xds-socket", str(socket_path), *args]
+        full = ["--plaintext"] if plaintext else []
+        full += ["--xds-socket", str(socket_path), *args]
         proc = XdsfastProcess(full, {**os.environ, **(env or {})}, socket_path)
         await proc.start()
         started.append(proc)

@@ -72,7 +72,7 @@ BAD_RUN = {
     "proxy config": (["--plaintext"], {"PROXY_CONFIG": "discoveryAddress: [unclosed"}),
     "proxy config type": (["--plaintext"], {"PROXY_CONFIG": "[1, 2]"}),
     "xds header": (["--plaintext"], {"XDS_HEADER_BAD NAME": "x"}),
-    "no tls yet": ([], {}),
+    "no root CA for TLS": ([], {}),
     "unknown flag": (["--plaintext", "--frobnicate"], {}),
 }
 
@@ -90,9 +90,9 @@ def test_run_rejects_bad_input_in_one_line(
     assert not (tmp_path / "XDS").exists()
 
 
-def test_run_without_plaintext_says_why(tmp_path: Path) -> None:
+def test_run_with_tls_needs_istiods_root_ca(tmp_path: Path) -> None:
     out = run_cli("run", "--xds-socket", str(tmp_path / "XDS"))
-    assert "TLS to istiod is not supported yet" in out.stderr
+    assert "istiod's root CA ./var/run/secrets/istio/root-cert.pem does not exist" in out.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

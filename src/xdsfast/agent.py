@@ -7,7 +7,7 @@ import signal
 
 from xdsfast import log
 from xdsfast.bootstrap import grpc_bootstrap, write_grpc_bootstrap
-from xdsfast.config import Config, ConfigError
+from xdsfast.config import Config
 from xdsfast.dns.table import DnsTable
 from xdsfast.engines.grpcio import DialSettings, GrpcioDialer, GrpcioServer, ServerSettings
 from xdsfast.intercept import Interceptor, NameTableInterceptor
@@ -21,11 +21,6 @@ class Agent:
     """What ``xdsfast run`` runs: Envoy's xDS server, relayed to istiod."""
 
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
-        if not config.plaintext:
-            raise ConfigError(
-                "TLS to istiod is not supported yet: pass --plaintext, or set "
-                "controlPlaneAuthPolicy: NONE in PROXY_CONFIG"
-            )
         self.config = config
         self.metrics = metrics or Metrics()
         self.dns_table = DnsTable()
@@ -35,6 +30,8 @@ class Agent:
         dialer = GrpcioDialer(
             DialSettings(
                 target=config.discovery_address,
+                tls=config.tls,
+                token_path=config.token_path,
                 keepalive_interval=config.keepalive_interval,
                 keepalive_timeout=config.keepalive_timeout,
             )

@@ -108,6 +108,12 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         "else ./etc/istio/proxy/grpc-bootstrap.json)",
     )
     run.add_argument("--node-id", metavar="ID", help="node id in the gRPC bootstrap")
+    run.add_argument(
+        "--token-path",
+        metavar="PATH",
+        help="bearer token for istiod, read at every new stream "
+        "(default ./var/run/secrets/tokens/istio-token; missing = no token)",
+    )
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warn, error or none")
     run.add_argument("--log-format", metavar="FORMAT", help="text or json")
 

@@ -19,6 +19,10 @@ DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
 DEFAULT_CONFIG_PATH = "./etc/istio/proxy"
 DEFAULT_DNS_ADDRESS = "localhost:15053"
 DEFAULT_STATUS_ADDRESS = "0.0.0.0:15020"
+DEFAULT_TOKEN_PATH = "./var/run/secrets/tokens/istio-token"
+DEFAULT_ROOT_CA = "./var/run/secrets/istio/root-cert.pem"
+MOUNTED_ROOT_CA = "./etc/certs/root-cert.pem"
+ISTIOD_SERVER_NAME = "istiod.istio-system.svc"
 XDS_HEADER_PREFIX = "XDS_HEADER_"
 LOG_LEVELS = ("debug", "info", "warn", "error", "none")
 LOG_FORMATS = ("text", "json")
@@ -26,6 +30,20 @@ LOG_FORMATS = ("text", "json")
 
 class ConfigError(ValueError):
     """A flag or environment value that cannot be used."""
+
+
+SYSTEM_ROOTS = "SYSTEM"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the TLS material for istiod lives; the files are read at every new connection,
+    so rotated certificates apply without a restart."""
+
+    root_ca: str  # a PEM file, or SYSTEM_ROOTS for the system's trust store
+    server_name: str  # checked against istiod's certificate
+    client_key: str | None = None
+    client_cert: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,8 @@ class Config:
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 10.0
     grpc_bootstrap: str | None = None  # where to write the proxyless gRPC bootstrap, if at all
+    tls: TlsFiles | None = None  # None: plaintext to istiod
+    token_path: str = DEFAULT_TOKEN_PATH
     node_id: str = "sidecar~127.0.0.1~xdsfast.default~default.svc.cluster.local"
     node_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
@@ -111,6 +131,8 @@ class Config:
                 env.get("GRPC_XDS_BOOTSTRAP"),
                 f"{config_path.rstrip('/')}/grpc-bootstrap.json",
             ),
+            tls=None if plaintext else tls_files(discovery, env),
+            token_path=_first(flags.get("token_path"), None, DEFAULT_TOKEN_PATH),
             node_id=_first(flags.get("node_id"), None, node_id(env)),
             node_metadata=node_metadata(env),
         )
@@ -220,6 +242,49 @@ def xds_headers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
             raise ConfigError(f"{key}: the value must be printable ASCII")
         headers.append((name, value))
     return tuple(headers)
+
+
+def _required(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} does not exist")
+    return path
+
+
+def root_ca(env: Mapping[str, str]) -> str:
+    """istiod's root CA, looked for in Istio's order."""
+    explicit = env.get("XDS_ROOT_CA", "")
+    if explicit == SYSTEM_ROOTS:
+        return SYSTEM_ROOTS
+    if explicit:
+        return _required(explicit, "XDS_ROOT_CA:")
+    if os.path.isfile(MOUNTED_ROOT_CA):
+        return MOUNTED_ROOT_CA
+    if env.get("PROV_CERT"):
+        return _required(os.path.join(env["PROV_CERT"], "root-cert.pem"), "PROV_CERT root CA")
+    if _bool(env, "FILE_MOUNTED_CERTS"):
+        mounted = env.get("ISTIO_META_TLS_CLIENT_ROOT_CERT", "")
+        if not mounted:
+            raise ConfigError("FILE_MOUNTED_CERTS needs ISTIO_META_TLS_CLIENT_ROOT_CERT")
+        return _required(mounted, "ISTIO_META_TLS_CLIENT_ROOT_CERT:")
+    if env.get("PILOT_CERT_PROVIDER", "").lower() == "none":
+        raise ConfigError("PILOT_CERT_PROVIDER=none gives no root CA for istiod; set XDS_ROOT_CA")
+    return _required(DEFAULT_ROOT_CA, "istiod's root CA")
+
+
+def tls_files(discovery: str, env: Mapping[str, str]) -> TlsFiles:
+    """TLS to istiod as Istio's agent sets it up (root CA, server name, client certificate)."""
+    host = "" if discovery.startswith("unix:") else split_host_port(discovery)[0]
+    server_name = env.get("ISTIOD_SAN") or (
+        ISTIOD_SERVER_NAME if not host or "localhost" in host else host
+    )
+    key = chain = None
+    if env.get("PROV_CERT"):
+        key = os.path.join(env["PROV_CERT"], "key.pem")
+        chain = os.path.join(env["PROV_CERT"], "cert-chain.pem")
+    elif _bool(env, "FILE_MOUNTED_CERTS"):
+        key = env.get("ISTIO_META_TLS_CLIENT_KEY") or None
+        chain = env.get("ISTIO_META_TLS_CLIENT_CERT_CHAIN") or None
+    return TlsFiles(root_ca(env), server_name, key, chain)
 
 
 def node_id(env: Mapping[str, str]) -> str:

@@ -156,8 +156,18 @@ class ControlPlane:
     ``address`` is ``"HOST:PORT"`` (port 0 picks one) or ``"unix:/path"``.
     """
 
-    def __init__(self, address: str = "127.0.0.1:0") -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        """``credentials``: serve TLS (e.g. requiring client certificates); ``token``:
+        refuse streams without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
         self.address = address
+        self.credentials = credentials
+        self.token = token
         self.port = 0
         self.requests: list[Recorded] = []
         self.responses: list[Sent] = []
@@ -177,7 +187,10 @@ class ControlPlane:
         """Listen; afterwards ``.address``/``.port`` name the real endpoint."""
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        port = server.add_insecure_port(self.address)
+        if self.credentials is None:
+            port = server.add_insecure_port(self.address)
+        else:
+            port = server.add_secure_port(self.address, self.credentials)
         if not self.address.startswith("unix:"):
             if port == 0:
                 raise OSError(f"cannot listen on {self.address}")
@@ -533,6 +546,12 @@ class _Servicer:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Response]:
         stream = self._cp._open_stream(mode, context)
+        token = self._cp.token
+        if token is not None and self._cp.stream_metadata[-1].get("authorization") != (
+            f"Bearer {token}"
+        ):
+            self._cp._close_stream(stream)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         reader = asyncio.create_task(self._read(stream, request_iterator))
         try:
             while (resp := await stream.outbox.get()) is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from xdsfast.config import TlsFiles
 from xdsfast.engines import (
     SERVICE,
     Code,
@@ -25,6 +26,7 @@ from xdsfast.engines import (
     StreamHandler,
     Upstream,
 )
+from xdsfast.upstream import bearer_token, load_tls
 
 _TO_GRPC = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -156,9 +158,11 @@ def _prepare_socket_path(path: str) -> None:
 
 @dataclass(frozen=True)
 class DialSettings:
-    """How to reach istiod (plaintext for now)."""
+    """How to reach istiod."""
 
     target: str  # "host:port" or "unix:/path"
+    tls: TlsFiles | None = None  # None: plaintext
+    token_path: str | None = None
     connect_timeout: float = 5.0
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 10.0
@@ -236,7 +240,7 @@ class GrpcioDialer:
                 grpc.ChannelConnectivity.TRANSIENT_FAILURE,
                 grpc.ChannelConnectivity.SHUTDOWN,
             ):
-                raise DialError(f"cannot connect to {self._settings.target}")
+                raise DialError(f"cannot connect to {self._settings.target}: {await _why(channel)}")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DialError(f"timed out connecting to {self._settings.target}")
@@ -244,8 +248,21 @@ class GrpcioDialer:
                 await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
             state = channel.get_state(try_to_connect=True)
 
+    def _channel(self) -> aio.Channel:
+        """A new channel; TLS material is read from disk now, so rotations apply."""
+        s = self._settings
+        if s.tls is None:
+            return aio.insecure_channel(s.target, options=self._options)
+        tls = load_tls(s.tls)
+        credentials = grpc.ssl_channel_credentials(tls.root_ca, tls.client_key, tls.client_cert)
+        options = [*self._options, ("grpc.ssl_target_name_override", tls.server_name)]
+        return aio.secure_channel(s.target, credentials, options=options)
+
     async def open(self, mode: Mode, metadata: tuple[tuple[str, str], ...]) -> Upstream:
-        channel = aio.insecure_channel(self._settings.target, options=self._options)
+        token = bearer_token(self._settings.token_path)
+        if token is not None:
+            metadata = (*metadata, ("authorization", f"Bearer {token}"))
+        channel = self._channel()
         try:
             await self._connect(channel)
         except BaseException:
@@ -256,3 +273,18 @@ class GrpcioDialer:
         )
         call = method(metadata=metadata)
         return _Upstream(channel, call)
+
+
+async def _why(channel: aio.Channel) -> str:
+    """gRPC's reason for a failed connection (e.g. a TLS verification error).
+
+    A call on a channel in TRANSIENT_FAILURE fails at once, without reaching
+    any server, and carries the last connection error in its details.
+    """
+    call = channel.unary_unary("/xdsfast.Probe/Connect")(b"", timeout=1.0)
+    try:
+        await call
+    except aio.AioRpcError as exc:
+        details = exc.details() or str(exc.code())
+        return details.removeprefix("failed to connect to all addresses; last error: ")
+    return "unknown reason"

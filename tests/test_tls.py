@@ -1,0 +1,260 @@
+"""TLS, mTLS and bearer tokens to istiod, with a PKI made by the test."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from conftest import XdsfastFactory
+from pki import Authority
+
+from xdsfast.agent import Agent
+from xdsfast.config import Config, TlsFiles
+from xdsfast.demo.adsclient import AdsClient
+from xdsfast.demo.controlplane import CLUSTER, ControlPlane
+
+ISTIOD = "istiod.istio-system.svc"
+TOKEN = "eyJhbGciOi.secret-token-value.sig"
+
+
+@dataclass
+class Mesh:
+    """A CA, istiod's certificate and key, and a client certificate, written to ``dir``."""
+
+    dir: Path
+    ca: Authority
+    root: Path
+    client_key: Path
+    client_cert: Path
+    token: Path
+
+    def server_credentials(self, *, expired: bool = False, san: str = ISTIOD) -> Any:
+        server = self.ca.issue("istiod", dns=(san,), ips=("127.0.0.1",), expired=expired)
+        return grpc.ssl_server_credentials(
+            [(server.key, server.cert)], root_certificates=self.ca.pem, require_client_auth=True
+        )
+
+    def tls(self, **changes: Any) -> TlsFiles:
+        values: dict[str, Any] = {
+            "root_ca": str(self.root),
+            "server_name": ISTIOD,
+            "client_key": str(self.client_key),
+            "client_cert": str(self.client_cert),
+        }
+        values.update(changes)
+        return TlsFiles(**values)
+
+
+@pytest.fixture
+def mesh(short_tmp: Path) -> Mesh:
+    ca = Authority("cluster.local root")
+    root = short_tmp / "root-cert.pem"
+    root.write_bytes(ca.pem)
+    client_key, client_cert = ca.issue("sidecar", client=True).write(short_tmp, "client")
+    token = short_tmp / "istio-token"
+    token.write_text(TOKEN + "\n")
+    return Mesh(short_tmp, ca, root, client_key, client_cert, token)
+
+
+CpFactory = Callable[..., Awaitable[ControlPlane]]
+
+
+@pytest_asyncio.fixture
+async def tls_control_plane(mesh: Mesh) -> AsyncIterator[CpFactory]:
+    planes: list[ControlPlane] = []
+
+    async def start(**credentials: Any) -> ControlPlane:
+        cp = ControlPlane(
+            "127.0.0.1:0", credentials=mesh.server_credentials(**credentials), token=TOKEN
+        )
+        await cp.start()
+        planes.append(cp)
+        return cp
+
+    yield start
+    for cp in planes:
+        await cp.stop()
+
+
+@pytest_asyncio.fixture
+async def agents(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
+    started: list[Agent] = []
+
+    async def start(**settings: Any) -> Agent:
+        values: dict[str, Any] = {"xds_socket": str(short_tmp / f"X{len(started)}")}
+        values.update(settings)
+        agent = Agent(Config(**values))
+        await agent.start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        await agent.stop()
+
+
+async def one_stream(agent: Agent) -> grpc.StatusCode | None:
+    """Open an Envoy-like stream through the agent; None if it works, else how it ended."""
+    client = AdsClient(f"unix:{agent.config.xds_socket}")
+    await client.open()
+    try:
+        await client.request(CLUSTER)
+        try:
+            await client.recv(timeout=10)
+        except Exception:
+            status = await client.wait_closed()
+            return status.code
+        return None
+    finally:
+        await client.close()
+
+
+async def test_mtls_and_token_reach_istiod(
+    mesh: Mesh, tls_control_plane: CpFactory, agents: Callable[..., Awaitable[Agent]]
+) -> None:
+    cp = await tls_control_plane()
+    cp.set_resources(CLUSTER, {})
+    agent = await agents(discovery_address=cp.address, tls=mesh.tls(), token_path=str(mesh.token))
+    assert await one_stream(agent) is None
+    assert cp.stream_metadata[-1]["authorization"] == f"Bearer {TOKEN}"
+    # The token is read at every new stream: a rotated one is used by the next.
+    mesh.token.write_text("rotated")
+    cp.token = "rotated"
+    assert await one_stream(agent) is None
+    assert cp.stream_metadata[-1]["authorization"] == "Bearer rotated"
+
+
+FAILURES = {
+    "wrong CA": ({"root_ca": "other"}, {}, "CERTIFICATE_VERIFY_FAILED"),
+    "wrong SAN": ({"server_name": "istiod.elsewhere.svc"}, {}, "hostname verification"),
+    "expired server certificate": ({}, {"expired": True}, "CERTIFICATE_VERIFY_FAILED"),
+    "no client certificate": ({"client_key": None, "client_cert": None}, {}, "socket closed"),
+}
+
+
+@pytest.mark.parametrize(("tls", "server", "why"), FAILURES.values(), ids=FAILURES.keys())
+async def test_tls_failures_end_envoys_stream_are_counted_and_explained(
+    mesh: Mesh,
+    tls_control_plane: CpFactory,
+    agents: Callable[..., Awaitable[Agent]],
+    caplog: pytest.LogCaptureFixture,
+    tls: dict[str, Any],
+    server: dict[str, Any],
+    why: str,
+) -> None:
+    if tls.get("root_ca") == "other":
+        other = mesh.dir / "other-root.pem"
+        other.write_bytes(Authority("someone else").pem)
+        tls["root_ca"] = str(other)
+    cp = await tls_control_plane(**server)
+    cp.set_resources(CLUSTER, {})
+    agent = await agents(
+        discovery_address=cp.address, tls=mesh.tls(**tls), token_path=str(mesh.token)
+    )
+    with caplog.at_level(logging.INFO, logger="xdsfast"):
+        assert await one_stream(agent) == grpc.StatusCode.UNAVAILABLE
+    assert agent.metrics.istiod_connection_failures.get() == 1
+    assert cp.active_streams == 0 and not cp.requests
+    lines = [r.getMessage() for r in caplog.records if "cannot reach istiod" in r.getMessage()]
+    assert len(lines) == 1
+    assert why.lower() in lines[0].lower()
+    assert TOKEN not in caplog.text
+
+
+async def test_a_replaced_root_ca_applies_to_the_next_connection(
+    mesh: Mesh, tls_control_plane: CpFactory, agents: Callable[..., Awaitable[Agent]]
+) -> None:
+    cp = await tls_control_plane()
+    cp.set_resources(CLUSTER, {})
+    good = mesh.root.read_bytes()
+    mesh.root.write_bytes(Authority("stale root").pem)
+    agent = await agents(discovery_address=cp.address, tls=mesh.tls(), token_path=str(mesh.token))
+    assert await one_stream(agent) == grpc.StatusCode.UNAVAILABLE
+    mesh.root.write_bytes(good)  # rotated in place, no restart
+    assert await one_stream(agent) is None
+
+
+async def test_a_missing_token_sends_no_header(
+    mesh: Mesh, tls_control_plane: CpFactory, agents: Callable[..., Awaitable[Agent]]
+) -> None:
+    cp = await tls_control_plane()
+    agent = await agents(
+        discovery_address=cp.address, tls=mesh.tls(), token_path=str(mesh.dir / "no-token")
+    )
+    assert await one_stream(agent) == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization" not in cp.stream_metadata[-1]
+
+
+async def test_run_over_mtls_from_istio_environment(
+    mesh: Mesh, tls_control_plane: CpFactory, xdsfast_run: XdsfastFactory, short_tmp: Path
+) -> None:
+    """PROV_CERT (key.pem, cert-chain.pem, root-cert.pem) and ISTIOD_SAN, as in a pod."""
+    prov = short_tmp / "prov"
+    prov.mkdir()
+    (prov / "root-cert.pem").write_bytes(mesh.root.read_bytes())
+    (prov / "key.pem").write_bytes(mesh.client_key.read_bytes())
+    (prov / "cert-chain.pem").write_bytes(mesh.client_cert.read_bytes())
+    cp = await tls_control_plane()
+    cp.set_resources(CLUSTER, {})
+    relay = await xdsfast_run(
+        "--discovery-address",
+        cp.address,
+        "--token-path",
+        str(mesh.token),
+        "--log-level",
+        "debug",
+        env={"PROV_CERT": str(prov), "ISTIOD_SAN": ISTIOD},
+        plaintext=False,
+    )
+    client = AdsClient(f"unix:{relay.socket_path}")
+    await client.open()
+    await client.request(CLUSTER)
+    assert (await client.recv()).type_url == CLUSTER
+    await client.close()
+    assert await relay.stop() == 0
+    assert TOKEN.encode() not in relay.stderr
+
+
+STARTUP = {
+    "XDS_ROOT_CA missing": ({"XDS_ROOT_CA": "/nonexistent/root.pem"}, "XDS_ROOT_CA"),
+    "default root CA missing": ({}, "root-cert.pem does not exist"),
+    "PROV_CERT without root": ({"PROV_CERT": "/nonexistent"}, "PROV_CERT"),
+    "mounted certs without root": ({"FILE_MOUNTED_CERTS": "true"}, "ISTIO_META_TLS_CLIENT"),
+    "no cert provider": ({"PILOT_CERT_PROVIDER": "none"}, "PILOT_CERT_PROVIDER"),
+}
+
+
+@pytest.mark.parametrize(("env", "says"), STARTUP.values(), ids=STARTUP.keys())
+def test_missing_tls_files_are_a_startup_error(
+    env: dict[str, str], says: str, tmp_path: Path
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "xdsfast", "run", "--xds-socket", str(tmp_path / "XDS")],
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("xdsfast: error:") and says in line
+
+
+def test_system_roots_need_no_file(tmp_path: Path) -> None:
+    config = Config.build(
+        {"discovery_address": "istiod.example.com:15012"}, {"XDS_ROOT_CA": "SYSTEM"}
+    )
+    assert config.tls == TlsFiles("SYSTEM", "istiod.example.com")
+    local = Config.build({"discovery_address": "localhost:15012"}, {"XDS_ROOT_CA": "SYSTEM"})
+    assert local.tls is not None and local.tls.server_name == ISTIOD
+    san = Config.build({}, {"XDS_ROOT_CA": "SYSTEM", "ISTIOD_SAN": "istiod.custom"})
+    assert san.tls is not None and san.tls.server_name == "istiod.custom"
