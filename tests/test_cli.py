@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import orjson
 import pytest
 from conftest import XdsfastFactory
@@ -107,8 +108,11 @@ async def test_run_serves_and_stops_cleanly_on_a_signal(
     await client.open()
     await client.request(CLUSTER)
     await control_plane.wait_for_request(lambda r: r.type_url == CLUSTER)
-    await client.close()
     assert await relay.stop(sig=sig) == 0
+    # Drained: Envoy's stream ended with OK (it reconnects), istiod's stream is gone.
+    assert (await client.wait_closed()).code == grpc.StatusCode.OK
+    await control_plane.wait_for(lambda: control_plane.active_streams == 0)
+    await client.close()
     assert not path.exists()
     assert b"Traceback" not in relay.stderr
 

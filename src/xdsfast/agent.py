@@ -71,8 +71,11 @@ class Agent:
             ),
         )
 
-    async def stop(self) -> None:
-        await self.server.stop(grace=1.0)
+    async def stop(self, grace: float = 5.0) -> None:
+        """Drain: Envoy's stream ends with OK (so it reconnects elsewhere or later), upstream
+        closes, no new streams; whatever is still running after ``grace`` is cancelled."""
+        self.relay.drain()
+        await self.server.stop(grace=grace)
         _log.info("xDS proxy stopped")
 
     async def run_until_signalled(self) -> None:

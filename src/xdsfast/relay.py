@@ -108,10 +108,19 @@ class Relay:
         self.interceptors = {i.type_url: i for i in interceptors}
         self.metadata = (("clusterid", cluster_id), *((k.lower(), v) for k, v in xds_headers))
         self.active: Session | None = None
+        self.draining = False
         self._ids = itertools.count(1)
+
+    def drain(self) -> None:
+        """Shutting down: end the active stream with OK (Envoy reconnects), take no new ones."""
+        self.draining = True
+        if self.active is not None:
+            self.active.replace("xdsfast is shutting down")
 
     async def handle(self, downstream: Downstream, mode: Mode) -> Status:
         """Relay one Envoy stream until either side ends; the result ends Envoy's stream."""
+        if self.draining:
+            return Status(Code.UNAVAILABLE, "xdsfast is shutting down")
         session = Session(self, downstream, mode, next(self._ids))
         previous, self.active = self.active, session
         if previous is not None:
@@ -119,7 +128,7 @@ class Relay:
                 "new Envoy stream replaces the active one",
                 extra=log.fields(id=session.id, replaced=previous.id),
             )
-            previous.replace()
+            previous.replace("replaced by a newer one")
         try:
             return await session.run()
         finally:
@@ -140,8 +149,11 @@ class Session:
         self.requests: asyncio.Queue[bytes] = asyncio.Queue()
         self.initial_requests_sent = False
         self._replaced = asyncio.Event()
+        self._replaced_why = ""
 
-    def replace(self) -> None:
+    def replace(self, why: str) -> None:
+        """End this session with OK, for ``why``."""
+        self._replaced_why = why
         self._replaced.set()
 
     async def run(self) -> Status:
@@ -199,7 +211,7 @@ class Session:
             _log.log(level, "Envoy ended the stream: %s", status, extra=fields)
             return status
         if ending.side == "replaced":
-            _log.info("stream closed: replaced by a newer one", extra=fields)
+            _log.info("stream closed: %s", self._replaced_why, extra=fields)
         return ending.status
 
     async def _until_replaced(self) -> Ending:
