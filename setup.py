@@ -5,15 +5,20 @@ pure-Python package (the twin then serves at run time).
 """
 
 import os
+import sys
 
 from setuptools import Extension, setup
 
 ext_modules = []
-if not os.environ.get("XDSFAST_NO_EXTENSIONS"):
+if os.environ.get("XDSFAST_NO_EXTENSIONS"):
+    if os.environ.get("CIBUILDWHEEL"):  # a release wheel must carry the compiled core
+        sys.exit("xdsfast: refusing to build a pure-Python wheel under cibuildwheel")
+else:
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("xdsfast._core", ["src/xdsfast/_core.pyx"], extra_compile_args=["-O3"])],
+        # -g0: no debug info in the shipped module (a third of its size otherwise)
+        [Extension("xdsfast._core", ["src/xdsfast/_core.pyx"], extra_compile_args=["-O3", "-g0"])],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )
 

@@ -1,0 +1,553 @@
+"""The processes ``relay_bench.py`` runs: control plane, client and the naive relay.
+
+Each runs as its own process on uvloop so that what the benchmark measures is the
+relay's cost, not the peers' fight for one GIL:
+
+* ``controlplane``: a raw-bytes ADS server.  It sends pre-serialized responses
+  (the body is serialized once; version and nonce are appended as trailing
+  fields, which protobuf's last-one-wins rule makes valid), so it never encodes
+  or decodes on the hot path.
+* ``client``: an Envoy-like raw-bytes ADS client: an initial request with a
+  node, then an ACK per response (nonce read with xdsfast's compiled peeker).
+* ``naive``: the baseline relay, a grpc.aio proxy that decodes and re-encodes
+  every message with xds-protos' classes, as a proto-codec proxy does; with
+  ``--raw`` the same loops without the codec (the floor for a grpc.aio relay).
+
+The orchestrator drives ``controlplane`` and ``client`` with one JSON object per
+line on stdin and reads one JSON event per line on stdout.  Every peer exits
+when its stdin closes, so none outlives a crashed orchestrator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvloop
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2 as pb
+from google.protobuf import struct_pb2
+from grpc import aio
+
+from xdsfast import wire
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+STORM, SMALL = "storm", "small"
+TYPE_OF = {STORM: CDS, SMALL: EDS}
+STORM_VARIANTS = 8  # distinct pre-built storm pushes, sent round-robin (nonces differ in a row)
+SMALL_VARIANTS = 256  # distinct EDS bodies; each send gets a fresh version and nonce
+
+# No message-size limit anywhere: a 5 MB push must pass every hop.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+# ----- wire helpers ------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: int, value: bytes) -> bytes:
+    """One length-delimited field; every tag used here fits in one byte."""
+    return bytes((tag,)) + _varint(len(value)) + value
+
+
+def _text(tag: int, value: str) -> bytes:
+    return _field(tag, value.encode())
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """What differs between SotW and delta ADS for the peers (field tags, classes)."""
+
+    delta: bool
+
+    @property
+    def method(self) -> str:
+        name = "DeltaAggregatedResources" if self.delta else "StreamAggregatedResources"
+        return f"/{SERVICE}/{name}"
+
+    def initial_request(self, type_url: str) -> bytes:
+        """Envoy's first request: node, type, wildcard (SotW) or subscribe-all (delta)."""
+        node = sidecar_node()
+        request: Any
+        if self.delta:
+            request = pb.DeltaDiscoveryRequest(
+                node=node, type_url=type_url, resource_names_subscribe=["*"]
+            )
+        else:
+            request = pb.DiscoveryRequest(node=node, type_url=type_url)
+        data: bytes = request.SerializeToString()
+        return data
+
+    def ack(self, type_url: str, version: str, nonce: str) -> bytes:
+        """An ACK in canonical field order (so a re-encoding relay passes it unchanged)."""
+        if self.delta:  # type_url = 2, response_nonce = 6
+            return _text(0x12, type_url) + _text(0x32, nonce)
+        # version_info = 1, type_url = 4, response_nonce = 5
+        return _text(0x0A, version) + _text(0x22, type_url) + _text(0x2A, nonce)
+
+    def body(self, type_url: str, resources: Sequence[tuple[str, Any]]) -> bytes:
+        """A response without version and nonce: :meth:`stamp` appends them."""
+        response: Any
+        if self.delta:
+            response = pb.DeltaDiscoveryResponse(type_url=type_url)
+            for name, message in resources:
+                response.resources.add(name=name, version="1").resource.Pack(message)
+        else:
+            response = pb.DiscoveryResponse(type_url=type_url)
+            for _, message in resources:
+                response.resources.add().Pack(message)
+        data: bytes = response.SerializeToString()
+        return data
+
+    @staticmethod
+    def stamp(body: bytes, serial: int) -> bytes:
+        """Append (system_)version_info (field 1) and nonce (field 5), both fixed length."""
+        text = f"{serial:010d}".encode()
+        return body + b"\x0a\x0a" + text + b"\x2a\x0a" + text
+
+    def peek_response(self, data: bytes) -> tuple[str, str]:
+        """(version, nonce) of a response, without decoding it."""
+        if self.delta:
+            d = wire.peek_delta_response(data)
+            return d.system_version_info, d.nonce
+        r = wire.peek_response(data)
+        return r.version_info, r.nonce
+
+    def peek_nonce(self, data: bytes) -> str:
+        """The response_nonce of a request (an ACK)."""
+        if self.delta:
+            return wire.peek_delta_request(data).response_nonce
+        return wire.peek_request(data).response_nonce
+
+
+def sidecar_node() -> base_pb2.Node:
+    """A node shaped like an Istio sidecar's (id, cluster, a few metadata keys)."""
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            "CLUSTER_ID": "Kubernetes",
+            "NAMESPACE": "bench",
+            "ISTIO_VERSION": "1.24.0",
+            "INTERCEPTION_MODE": "REDIRECT",
+            "LABELS": {"app": "bench", "version": "v1"},
+        }
+    )
+    return base_pb2.Node(
+        id="sidecar~10.0.0.7~bench-7f9c.bench~bench.svc.cluster.local",
+        cluster="bench.bench",
+        metadata=metadata,
+    )
+
+
+# ----- plumbing shared by the peers --------------------------------------------------
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON event line to the orchestrator."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def stdin_commands(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[dict[str, Any] | None]:
+    """Commands from stdin, one JSON object per line; None once stdin closes.
+
+    A thread does the blocking reads so the loop never waits on the pipe.
+    """
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def pump() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                loop.call_soon_threadsafe(queue.put_nowait, json.loads(line))
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    return queue
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# ----- control plane ------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The workload the next stream gets."""
+
+    workload: str
+    count: int
+    flavour: Flavour
+
+
+class ControlPlane:
+    """Raw-bytes ADS server that runs one planned workload per stream."""
+
+    def __init__(self) -> None:
+        self.plan: Plan | None = None
+        self._storm: dict[bool, list[bytes]] = {}
+        self._small: dict[bool, list[bytes]] = {}
+        self._clusters: list[tuple[str, Any]] | None = None
+
+    def prepare(self, plan: Plan) -> dict[str, Any]:
+        """Build (once per flavour) the payloads a plan needs, outside any timing."""
+        flavour = plan.flavour
+        if plan.workload == STORM:
+            if flavour.delta not in self._storm:
+                if self._clusters is None:
+                    from xdsfast.demo import mesh
+
+                    self._clusters = list(mesh.big_cds(4000).items())
+                body = flavour.body(CDS, self._clusters)
+                self._storm[flavour.delta] = [flavour.stamp(body, i) for i in range(STORM_VARIANTS)]
+            size = len(self._storm[flavour.delta][0])
+        else:
+            if flavour.delta not in self._small:
+                from xdsfast.demo import mesh
+
+                self._small[flavour.delta] = [
+                    flavour.body(EDS, [(mesh.big_cluster_name(i), mesh.small_eds(i))])
+                    for i in range(SMALL_VARIANTS)
+                ]
+            bodies = self._small[flavour.delta]
+            size = sum(len(flavour.stamp(b, 0)) for b in bodies) // len(bodies)
+        self.plan = plan
+        return {"message_bytes": size}
+
+    async def serve(self, request: Any, context: aio.ServicerContext[bytes, bytes]) -> None:
+        """One ADS stream: wait for the initial request, run the plan, drain until the end."""
+        plan, self.plan = self.plan, None
+        first = await context.read()
+        if first is aio.EOF:
+            return
+        if plan is None:
+            emit("error", message="a stream arrived with no workload planned")
+            return
+        run = self._storm_run if plan.workload == STORM else self._small_run
+        try:
+            await run(plan, context)
+        except asyncio.CancelledError:
+            emit("error", message=f"{plan.workload} stream cancelled before the workload ended")
+            raise
+        while await context.read() is not aio.EOF:
+            pass
+
+    async def _storm_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
+        """Push ``count`` big responses back to back; ACKs are drained concurrently."""
+        pushes, n = self._storm[plan.flavour.delta], plan.count
+        peek_nonce = plan.flavour.peek_nonce
+        acked = 0
+
+        async def drain_acks() -> None:
+            nonlocal acked
+            while acked < n:
+                data = await context.read()
+                if data is aio.EOF:
+                    return
+                assert isinstance(data, bytes)
+                peek_nonce(data)
+                acked += 1
+
+        cpu0 = cpu_seconds()
+        reader = asyncio.ensure_future(drain_acks())
+        write = context.write
+        t_start = time.monotonic()
+        sent = 0
+        for i in range(n):
+            data = pushes[i % len(pushes)]
+            await write(data)
+            sent += len(data)
+        t_sent = time.monotonic()
+        await reader
+        if acked < n:
+            emit("error", message=f"the stream ended after {acked} of {n} ACKs")
+            return
+        emit(
+            "done",
+            t_start=t_start,
+            t_sent=t_sent,
+            t_acked=time.monotonic(),
+            bytes=sent,
+            acks=acked,
+            cpu=cpu_seconds() - cpu0,
+        )
+
+    async def _small_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
+        """``count`` request/response/ACK round trips, each timed from send to ACK."""
+        flavour = plan.flavour
+        bodies = self._small[flavour.delta]
+        stamp, peek_nonce = flavour.stamp, flavour.peek_nonce
+        read, write, clock = context.read, context.write, time.perf_counter
+        rtts: list[float] = []
+        mismatched = 0
+        cpu0 = cpu_seconds()
+        t_start = clock()
+        for i in range(plan.count):
+            data = stamp(bodies[i % len(bodies)], i)
+            t = clock()
+            await write(data)
+            ack = await read()
+            rtts.append(clock() - t)
+            if ack is aio.EOF:
+                emit("error", message=f"client ended the stream after {i} updates")
+                return
+            assert isinstance(ack, bytes)
+            if peek_nonce(ack) != f"{i:010d}":
+                mismatched += 1
+        elapsed = clock() - t_start
+        cpu = cpu_seconds() - cpu0
+        rtts.sort()
+        emit(
+            "done",
+            elapsed=elapsed,
+            count=plan.count,
+            p50=percentile(rtts, 0.50),
+            p90=percentile(rtts, 0.90),
+            p99=percentile(rtts, 0.99),
+            max=rtts[-1] if rtts else float("nan"),
+            mismatched=mismatched,
+            cpu=cpu,
+        )
+
+
+async def run_controlplane(host: str) -> None:
+    cp = ControlPlane()
+    handlers = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(cp.serve),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(cp.serve),
+        },
+    )
+    server = aio.server(handlers=[handlers], options=SERVER_OPTIONS)
+    port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    commands = stdin_commands(asyncio.get_running_loop())
+    emit("ready", port=port)
+    try:
+        while (command := await commands.get()) is not None:
+            plan = Plan(command["workload"], int(command["count"]), Flavour(command["delta"]))
+            emit("planned", **cp.prepare(plan))
+    finally:
+        await server.stop(0)
+
+
+# ----- client -------------------------------------------------------------------------
+
+
+async def client_run(
+    target: str,
+    workload: str,
+    count: int,
+    flavour: Flavour,
+    commands: asyncio.Queue[dict[str, Any] | None],
+) -> dict[str, Any]:
+    """Open a stream like Envoy, read ``count`` responses and ACK each one.
+
+    The stream stays open until the orchestrator says ``close`` (after the control
+    plane has seen the last ACK): a relay may drop requests still queued when
+    Envoy half-closes, as Istio's agent does, and Envoy never half-closes anyway.
+    """
+    type_url = TYPE_OF[workload]
+    async with aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        method = channel.stream_stream(
+            flavour.method, request_serializer=None, response_deserializer=None
+        )
+        call = method()
+        await call.write(flavour.initial_request(type_url))
+        read, write, ack, peek = call.read, call.write, flavour.ack, flavour.peek_response
+        received = 0
+        cpu0 = cpu_seconds()
+        t_first = 0.0
+        for i in range(count):
+            data = await read()
+            if data is aio.EOF:
+                code = await call.code()
+                raise RuntimeError(f"stream ended after {i} responses: {code}")
+            assert isinstance(data, bytes)
+            if i == 0:
+                t_first = time.monotonic()
+            received += len(data)
+            version, nonce = peek(data)
+            await write(ack(type_url, version, nonce))
+        t_last = time.monotonic()
+        cpu = cpu_seconds() - cpu0
+        emit("received", t_first=t_first, t_last=t_last, bytes=received, count=count, cpu=cpu)
+        command = await commands.get()
+        if command is None:
+            raise RuntimeError("stdin closed")
+        await call.done_writing()
+        code = await asyncio.wait_for(call.code(), 10)
+    return {"code": code.name}
+
+
+async def run_client() -> None:
+    commands = stdin_commands(asyncio.get_running_loop())
+    emit("ready")
+    while (command := await commands.get()) is not None:
+        try:
+            result = await client_run(
+                command["target"],
+                command["workload"],
+                int(command["count"]),
+                Flavour(command["delta"]),
+                commands,
+            )
+        except Exception as exc:  # report it: the orchestrator decides what to do
+            emit("error", message=f"{type(exc).__name__}: {exc}")
+        else:
+            emit("done", **result)
+
+
+# ----- the naive relay ----------------------------------------------------------------
+
+
+class NaiveRelay:
+    """A proto-codec proxy: every message is decoded and re-encoded on each hop.
+
+    Like Istio's agent, each downstream stream gets its own upstream channel.
+    With ``decode=False`` it is the "bare" relay: the same two loops on raw
+    bytes, nothing else, i.e. the floor for any grpc.aio relay.
+    """
+
+    def __init__(self, upstream: str, *, decode: bool = True) -> None:
+        self.upstream = upstream
+        self.decode = decode
+
+    def handler(self, request_type: Any, response_type: Any, method: str) -> grpc.RpcMethodHandler:
+        def codec(kind: Any) -> tuple[Any, Any]:
+            return (kind.FromString, kind.SerializeToString) if self.decode else (None, None)
+
+        (decode_request, encode_request), (decode_response, encode_response) = (
+            codec(request_type),
+            codec(response_type),
+        )
+        decode = self.decode
+
+        async def relay(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+            async with aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS) as channel:
+                call = channel.stream_stream(
+                    method, request_serializer=encode_request, response_deserializer=decode_response
+                )()
+
+                async def to_upstream() -> None:
+                    while (message := await context.read()) is not aio.EOF:
+                        if decode:
+                            _ = message.type_url  # a real proxy routes on the decoded fields
+                        await call.write(message)
+                    await call.done_writing()
+
+                async def to_downstream() -> None:
+                    while (message := await call.read()) is not aio.EOF:
+                        if decode:
+                            _ = message.type_url
+                        await context.write(message)
+
+                up = asyncio.ensure_future(to_upstream())
+                try:
+                    await to_downstream()
+                finally:
+                    up.cancel()
+                    call.cancel()
+
+        return grpc.stream_stream_rpc_method_handler(
+            relay, request_deserializer=decode_request, response_serializer=encode_response
+        )
+
+
+async def run_naive(upstream: str, socket_path: str, decode: bool) -> None:
+    relay = NaiveRelay(upstream, decode=decode)
+    handlers = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "StreamAggregatedResources": relay.handler(
+                pb.DiscoveryRequest,
+                pb.DiscoveryResponse,
+                f"/{SERVICE}/StreamAggregatedResources",
+            ),
+            "DeltaAggregatedResources": relay.handler(
+                pb.DeltaDiscoveryRequest,
+                pb.DeltaDiscoveryResponse,
+                f"/{SERVICE}/DeltaAggregatedResources",
+            ),
+        },
+    )
+    server = aio.server(handlers=[handlers], options=SERVER_OPTIONS)
+    server.add_insecure_port(f"unix:{socket_path}")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    commands = stdin_commands(loop)
+    closed = asyncio.ensure_future(commands.get())  # stdin closes: the orchestrator is gone
+    emit("ready")
+    try:
+        await asyncio.wait(
+            [closed, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        await server.stop(0.5)
+
+
+# ----- entry point --------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="role", required=True)
+    cp = sub.add_parser("controlplane")
+    cp.add_argument("--host", default="127.0.0.1")
+    sub.add_parser("client")
+    naive = sub.add_parser("naive")
+    naive.add_argument("--upstream", required=True, help="control plane HOST:PORT")
+    naive.add_argument("--socket", required=True, help="Unix socket to serve on")
+    naive.add_argument("--raw", action="store_true", help="no codec: the bare relay")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator alone handles Ctrl-C
+    mains: dict[str, Callable[[], Any]] = {
+        "controlplane": lambda: run_controlplane(args.host),
+        "client": run_client,
+        "naive": lambda: run_naive(args.upstream, args.socket, not args.raw),
+    }
+    uvloop.run(mains[args.role]())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,742 @@
+"""Side-by-side relay benchmark: direct vs ``xdsfast run`` vs a naive proto-codec relay.
+
+One invocation drives the same ADS workloads through each arrangement and prints
+ratios against direct, which are what to read on a noisy shared machine:
+
+* ``direct``      client -> control plane
+* ``xdsfast``     client -> ``xdsfast run`` (Unix socket; plaintext TCP upstream) -> control plane
+* ``xdsfast-py``  the same with ``XDSFAST_NO_EXTENSIONS=1`` (pure-Python peeker)
+* ``naive``       client -> a grpc.aio relay that decodes and re-encodes every message
+* ``bare``        (opt-in, ``--only``) the naive relay's loops on raw bytes: the floor for
+                  any grpc.aio relay, to tell the relay's own overhead from gRPC's
+
+Workloads (SotW, or delta with ``--delta``):
+
+* push storm: N x ~5 MB CDS responses (4000 Istio-like clusters) sent back to back,
+  each read and ACKed by the client; timed from the control plane's first write
+  to the client's last read (CLOCK_MONOTONIC is shared by all processes).
+* small updates: N EDS responses of ~400 B, each ACKed before the next is sent;
+  the control plane times every response -> ACK round trip.
+
+Control plane, client and relays are separate uvloop processes (``_relay_peers.py``),
+so the relay's cost is what the ratios show.  Relay CPU comes from psutil; peak RSS
+from the kernel's VmHWM (reset before each workload).  Each round restarts the
+relays and interleaves the arrangements, so ratios are taken round by round.
+
+    python benchmarks/relay_bench.py [--quick] [--delta] [--rounds N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import queue
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+PEERS = Path(__file__).with_name("_relay_peers.py")
+ARRANGEMENTS = ("direct", "xdsfast", "xdsfast-py", "naive", "bare")
+DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:4]
+READY_TIMEOUT = 30.0
+XDSFAST_READY = "xDS proxy serving"
+# Environment that would change what `xdsfast run` does (DNS proxy, headers, core).
+_STRIP_ENV = ("ISTIO_", "PROXY_CONFIG", "XDS_HEADER_", "XDSFAST_", "GRPC_")
+
+
+class BenchError(RuntimeError):
+    """A peer or relay failed; the message carries its log tail."""
+
+
+# ----- child processes -------------------------------------------------------------------
+
+
+class Child:
+    """A subprocess whose event stream (stdout or stderr) is read line by line by a thread.
+
+    Lines are teed to a log file in the run's temp dir and queued, so the
+    orchestrator waits on conditions with deadlines, never on sleeps.  Children
+    get their own session (Ctrl-C reaches only the orchestrator, which cleans up)
+    and, where ``setpriv`` exists, SIGKILL if the orchestrator dies.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        events_from: str = "stdout",
+    ) -> None:
+        self.name = name
+        self.logs = [log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"]
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        from_stderr = events_from == "stderr"
+        self._other = open(self.logs[0 if from_stderr else 1], "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*prefix, *argv],
+            stdin=subprocess.PIPE,
+            stdout=self._other if from_stderr else subprocess.PIPE,
+            stderr=subprocess.PIPE if from_stderr else self._other,
+            env=env,
+            start_new_session=True,
+            text=True,
+            bufsize=1,
+        )
+        stream = self.proc.stderr if from_stderr else self.proc.stdout
+        assert stream is not None
+        tee = self.logs[1 if from_stderr else 0]
+        self._reader = threading.Thread(
+            target=self._read, args=(stream, tee), name=f"{name}-reader", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self, stream: IO[str], tee: Path) -> None:
+        with open(tee, "w") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def tail(self, lines: int = 15) -> str:
+        out = []
+        for path in self.logs:
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                if text:
+                    out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def _fail(self, why: str) -> BenchError:
+        return BenchError(f"{self.name}: {why}\n{self.tail()}")
+
+    def wait_line(self, match: Callable[[str], bool], timeout: float, what: str) -> str:
+        """The first line that matches, or BenchError on exit or deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._fail(f"timed out after {timeout:.0f}s waiting for {what}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                code = self.proc.wait()
+                raise self._fail(f"exited with code {code} while waiting for {what}")
+            if match(line):
+                return line
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        """The next JSON event named ``event``; an ``error`` event raises."""
+        found: dict[str, Any] = {}
+
+        def match(line: str) -> bool:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return False
+            if obj.get("event") == "error":
+                raise self._fail(f"reported: {obj.get('message')}")
+            if obj.get("event") == event:
+                found.update(obj)
+                return True
+            return False
+
+        self.wait_line(match, timeout, f"event {event!r}")
+        return found
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Close stdin and SIGTERM; SIGKILL after ``timeout``.  Returns the exit code."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        self._reader.join(timeout=2)
+        self._other.close()
+        return self.proc.returncode
+
+
+class Children:
+    """Every child started, stopped in reverse order on exit, error or Ctrl-C."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], **kwargs: Any) -> Child:
+        child = Child(name, argv, self.log_dir, **kwargs)
+        self._children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        self._children.remove(child)
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._children:
+            self._children.pop().stop()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIP_ENV)}
+    env.update(extra)
+    return env
+
+
+# ----- measurements -----------------------------------------------------------------------
+
+
+def _proc_status(pid: int, key: str) -> int | None:
+    """A ``kB`` value from /proc/PID/status, in bytes."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class PeakRss:
+    """Peak RSS of a process over a block.
+
+    The kernel's own high-water mark (VmHWM, reset by writing 5 to clear_refs)
+    is exact; a 10 ms psutil sampler backs it up where the reset is refused.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        import psutil
+
+        self.pid = pid
+        self.interval = interval
+        self._process = psutil.Process(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self.sampled = 0
+        self.peak = 0
+        self.exact = False
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.sampled = max(self.sampled, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = _proc_status(self.pid, "VmHWM") if self.exact else None
+        self.peak = max(self.sampled, hwm or 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def rss(pid: int) -> int:
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+# ----- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What one invocation runs (message counts of 0 skip a workload)."""
+
+    storm: int
+    small: int
+    delta: bool
+    rounds: int
+    arrangements: tuple[str, ...]
+    relay_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Relay:
+    """A running arrangement: where the client connects and the relay process, if any."""
+
+    name: str
+    target: str
+    child: Child | None = None
+    idle_rss: int | None = None
+    core: str | None = None
+
+
+@dataclass
+class Results:
+    """Per arrangement, one dict per round for each workload."""
+
+    storm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    small: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    idle_rss: dict[str, list[int]] = field(default_factory=dict)
+    cores: dict[str, str] = field(default_factory=dict)
+
+
+class Bench:
+    """The control plane and client (started once) and the arrangements run against them."""
+
+    def __init__(self, settings: Settings, children: Children, tmp: Path) -> None:
+        self.s = settings
+        self.children = children
+        self.tmp = tmp
+        self.cp = children.start(
+            "controlplane", [sys.executable, str(PEERS), "controlplane"], env=clean_env()
+        )
+        self.client = children.start(
+            "client", [sys.executable, str(PEERS), "client"], env=clean_env()
+        )
+        self.port = int(self.cp.expect("ready", READY_TIMEOUT)["port"])
+        self.client.expect("ready", READY_TIMEOUT)
+        self.upstream = f"127.0.0.1:{self.port}"
+
+    def start(self, name: str) -> Relay:
+        """Start one arrangement's relay and wait until it serves."""
+        if name == "direct":
+            return Relay(name, self.upstream)
+        sock = self.tmp / name / "XDS"
+        sock.parent.mkdir(exist_ok=True)
+        if name in ("naive", "bare"):
+            child = self.children.start(
+                name,
+                [
+                    sys.executable,
+                    str(PEERS),
+                    "naive",
+                    "--upstream",
+                    self.upstream,
+                    "--socket",
+                    str(sock),
+                    *(["--raw"] if name == "bare" else []),
+                ],
+                env=clean_env(**self.s.relay_env),
+            )
+            child.expect("ready", READY_TIMEOUT)
+            core = "raw bytes" if name == "bare" else "protobuf " + protobuf_impl()
+        else:
+            env = clean_env(**self.s.relay_env)
+            if name == "xdsfast-py":
+                env["XDSFAST_NO_EXTENSIONS"] = "1"
+            core = xdsfast_core(env)
+            wanted = "python" if name == "xdsfast-py" else "cython"
+            if core != wanted:  # the row's label would lie
+                print(f"warning: {name} runs the {core} core, not {wanted}", file=sys.stderr)
+            child = self.children.start(
+                name,
+                [
+                    sys.executable, "-m", "xdsfast", "run", "--plaintext",
+                    "--discovery-address", self.upstream, "--xds-socket", str(sock),
+                    "--no-dns", "--status-address", "127.0.0.1:0", "--log-level", "info",
+                ],
+                env=env,
+                events_from="stderr",
+            )  # fmt: skip
+            child.wait_line(lambda line: XDSFAST_READY in line, READY_TIMEOUT, XDSFAST_READY)
+        return Relay(name, f"unix:{sock}", child, rss(child.pid), core)
+
+    def run(self, relay: Relay, workload: str, count: int) -> dict[str, Any]:
+        """One workload through one arrangement: peer results plus the relay's costs."""
+        delta = self.s.delta
+        self.cp.send({"workload": workload, "count": count, "delta": delta})
+        planned = self.cp.expect("planned", 120)
+        per_message = 1.0 if workload == "storm" else 0.02
+        timeout = 60 + count * per_message
+        pid = relay.child.pid if relay.child else None
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        peak = PeakRss(pid) if pid else None
+        with peak or contextlib.nullcontext():
+            self.client.send(
+                {
+                    "op": "run",
+                    "target": relay.target,
+                    "workload": workload,
+                    "count": count,
+                    "delta": delta,
+                }
+            )
+            cl = self.client.expect("received", timeout)
+            cp = self.cp.expect("done", timeout)
+        self.client.send({"op": "close"})
+        self.client.expect("done", 30)
+        out: dict[str, Any] = {"count": count, "message_bytes": planned["message_bytes"]}
+        out["cp_cpu"], out["client_cpu"] = cp["cpu"], cl["cpu"]
+        if pid and peak:
+            out["relay_cpu"] = cpu_seconds(pid) - cpu0
+            out["peak_rss"], out["peak_rss_exact"] = peak.peak, peak.exact
+            out["rss_after"] = rss(pid)
+        if workload == "storm":
+            wall = cl["t_last"] - cp["t_start"]  # CLOCK_MONOTONIC is system-wide on Linux
+            out.update(
+                wall=wall, bytes=cl["bytes"], rate=count / wall, mbps=cl["bytes"] / wall / 1e6
+            )
+        else:
+            if cp["mismatched"]:
+                raise BenchError(f"{cp['mismatched']} ACKs carried the wrong nonce")
+            out.update(
+                wall=cp["elapsed"], rate=count / cp["elapsed"], p50=cp["p50"], p99=cp["p99"],
+                p90=cp["p90"], max=cp["max"],
+            )  # fmt: skip
+        return out
+
+    def arrangement(self, name: str, results: Results) -> None:
+        relay = self.start(name)
+        try:
+            if relay.idle_rss is not None:
+                results.idle_rss.setdefault(name, []).append(relay.idle_rss)
+            if relay.core:
+                results.cores[name] = relay.core
+            # Warm-up, not measured: first-use costs (imports, arenas, code paths).
+            self.run(relay, "storm", 2)
+            self.run(relay, "small", 200)
+            for workload, count in (("storm", self.s.storm), ("small", self.s.small)):
+                if count:
+                    result = self.run(relay, workload, count)
+                    getattr(results, workload).setdefault(name, []).append(result)
+                    progress(name, workload, result)
+        finally:
+            if relay.child:
+                self.children.stop(relay.child)
+
+
+def progress(name: str, workload: str, r: dict[str, Any]) -> None:
+    """One line per measurement on stderr, so a long run shows signs of life."""
+    cpu = f", relay cpu {r['relay_cpu']:.2f}s" if "relay_cpu" in r else ""
+    print(
+        f"  {name:<11} {workload:<6} {r['count']:>6} msgs in {r['wall']:6.2f}s "
+        f"({r['rate']:8.1f}/s{cpu})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def xdsfast_core(env: dict[str, str]) -> str:
+    """What ``xdsfast version`` says about its core under ``env`` (cython or python)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "xdsfast", "version"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise BenchError(f"xdsfast version failed ({out.returncode}): {out.stderr.strip()}")
+    text = out.stdout.strip()
+    return text[text.find("core:") + 5 :].strip(" )") if "core:" in text else text
+
+
+def protobuf_impl() -> str:
+    from google.protobuf.internal import api_implementation
+
+    return str(api_implementation.Type())
+
+
+# ----- report ----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": version("grpcio"),
+        "protobuf": f"{version('protobuf')} ({protobuf_impl()})",
+        "uvloop": version("uvloop"),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def summarize(results: Results, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Medians over rounds; peak RSS is the max.
+
+    The ratio against direct is taken round by round (rounds interleave the
+    arrangements, so slow drift on a shared machine cancels) and its range kept.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    for name in names:
+        row: dict[str, Any] = {"core": results.cores.get(name)}
+        for workload in ("storm", "small"):
+            runs: list[dict[str, Any]] = getattr(results, workload).get(name, [])
+            if not runs:
+                continue
+            numeric = [
+                k for k, v in runs[0].items() if isinstance(v, (int, float)) and type(v) is not bool
+            ]
+            agg: dict[str, Any] = {k: _median([r[k] for r in runs]) for k in numeric}
+            agg["count"], agg["message_bytes"] = runs[0]["count"], runs[0]["message_bytes"]
+            if "peak_rss" in runs[0]:
+                agg["peak_rss"] = max(r["peak_rss"] for r in runs)
+            base: list[dict[str, Any]] = getattr(results, workload).get("direct", [])
+            if len(base) == len(runs):
+                ratios = [r["rate"] / b["rate"] for r, b in zip(runs, base, strict=True)]
+                agg["ratio"], agg["ratio_min"], agg["ratio_max"] = (
+                    _median(ratios), min(ratios), max(ratios),
+                )  # fmt: skip
+            row[workload] = agg
+        if name in results.idle_rss:
+            row["idle_rss"] = _median([float(v) for v in results.idle_rss[name]])
+        summary[name] = row
+    return summary
+
+
+def _fmt(value: float | None, spec: str, na: str = "n/a") -> str:
+    return na if value is None else format(value, spec)
+
+
+def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
+    mb = 1024 * 1024
+    lines: list[str] = []
+    flavour = "delta ADS" if s.delta else "SotW ADS"
+    spread = s.rounds > 1
+
+    def ratio(agg: dict[str, Any], name: str) -> str:
+        if "ratio" not in agg:
+            return f"{'n/a':>11}" + (f"{'':>12}" if spread else "")
+        text = f"{agg['ratio']:>10.2f}x"
+        if spread and name == "direct":
+            text += f"{'':>12}"
+        elif spread:
+            text += f"{agg['ratio_min']:>7.2f}-{agg['ratio_max']:.2f}"
+        return text
+
+    def mib(value: float | None) -> str:
+        return _fmt(value / mb if value else None, ".0f")
+
+    ratio_head = f"{'vs direct':>11}" + (f"{'(range)':>12}" if spread else "")
+    storm_rows = [(n, r) for n, r in summary.items() if "storm" in r]
+    if storm_rows:
+        size = storm_rows[0][1]["storm"]["message_bytes"]
+        lines.append(
+            f"push storm: {s.storm} x {size / 1e6:.2f} MB CDS ({flavour}), each read and ACKed"
+        )
+        lines.append(
+            f"{'arrangement':<12}{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
+            f"{'relay CPU ms/push':>19}{'RSS MB: idle':>14}{'peak':>6}{'after':>7}"
+        )
+        for name, row in storm_rows:
+            st = row["storm"]
+            cpu = st.get("relay_cpu")
+            lines.append(
+                f"{name:<12}{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}"
+                f"{ratio(st, name)}"
+                f"{_fmt(cpu and cpu / st['count'] * 1e3, '.2f'):>19}"
+                f"{mib(row.get('idle_rss')):>14}{mib(st.get('peak_rss')):>6}"
+                f"{mib(st.get('rss_after')):>7}"
+            )
+    small_rows = [(n, r) for n, r in summary.items() if "small" in r]
+    if small_rows:
+        size = small_rows[0][1]["small"]["message_bytes"]
+        if lines:
+            lines.append("")
+        lines.append(
+            f"small updates: {s.small} x ~{size} B EDS ({flavour}), "
+            "response -> ACK before the next (latency as the control plane sees it)"
+        )
+        lines.append(
+            f"{'arrangement':<12}{'wall s':>8}{'updates/s':>11}{ratio_head}"
+            f"{'p50 us':>9}{'p99 us':>9}{'relay CPU us/update':>21}"
+        )
+        for name, row in small_rows:
+            sm = row["small"]
+            cpu = sm.get("relay_cpu")
+            lines.append(
+                f"{name:<12}{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
+                f"{sm['p50'] * 1e6:>9.0f}{sm['p99'] * 1e6:>9.0f}"
+                f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
+            )
+    peers = [
+        f"  {name:<12}"
+        + "".join(
+            f"  {w}: control plane {row[w]['cp_cpu']:.2f}s, client {row[w]['client_cpu']:.2f}s"
+            for w in ("storm", "small")
+            if w in row
+        )
+        for name, row in summary.items()
+    ]
+    if peers:
+        lines.append("")
+        lines.append("peer CPU seconds (the relay shares the CPUs with them):")
+        lines.extend(peers)
+    cores = [f"{n}={r['core']}" for n, r in summary.items() if r.get("core")]
+    if cores:
+        lines.append(f"relay cores: {', '.join(cores)}")
+    return "\n".join(lines)
+
+
+# ----- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="20 pushes, 2000 updates (< 1 min)")
+    p.add_argument("--storm", type=int, help="pushes in the storm (default 100; quick 20)")
+    p.add_argument("--small", type=int, help="small updates (default 20000; quick 2000)")
+    p.add_argument("--delta", action="store_true", help="use DeltaAggregatedResources")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="repeat all arrangements, report medians and the ratio's range (default 3; quick 2)",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT_ARRANGEMENTS),
+        help=f"comma-separated, from {','.join(ARRANGEMENTS)} "
+        f"(default {','.join(DEFAULT_ARRANGEMENTS)})",
+    )
+    p.add_argument(
+        "--relay-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for every relay process, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write all results as JSON")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with child logs")
+    args = p.parse_args(argv)
+    names = tuple(n.strip() for n in args.only.split(",") if n.strip())
+    unknown = set(names) - set(ARRANGEMENTS)
+    if unknown:
+        p.error(f"unknown arrangement(s): {', '.join(sorted(unknown))}")
+    args.arrangements = names
+    bad = [item for item in args.relay_env if "=" not in item]
+    if bad:
+        p.error(f"--relay-env wants KEY=VALUE, not {bad[0]!r}")
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop children
+
+
+@contextlib.contextmanager
+def workdir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"logs kept in {path}", file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(
+        storm=args.storm if args.storm is not None else (20 if args.quick else 100),
+        small=args.small if args.small is not None else (2000 if args.quick else 20000),
+        delta=args.delta,
+        rounds=max(1, args.rounds if args.rounds is not None else (2 if args.quick else 3)),
+        arrangements=args.arrangements,
+        relay_env=dict(item.split("=", 1) for item in args.relay_env),
+    )
+    signal.signal(signal.SIGTERM, _terminate)
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    info = machine()
+    started = time.monotonic()
+    results = Results()
+    try:
+        with workdir(args.keep_logs) as tmp, Children(tmp) as children:
+            bench = Bench(settings, children, tmp)
+            for round_no in range(settings.rounds):
+                if settings.rounds > 1:
+                    print(f"round {round_no + 1}/{settings.rounds}", file=sys.stderr)
+                for name in settings.arrangements:
+                    bench.arrangement(name, results)
+    except BenchError as exc:
+        print(f"relay_bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("relay_bench: interrupted; children stopped", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+    summary = summarize(results, settings.arrangements)
+    print()
+    print(f"command: {command}")
+    print(
+        f"machine: {info['nproc']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
+        f"Linux {info['kernel']}, load avg at start {info['loadavg'][0]:.2f}"
+    )
+    print(
+        f"python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
+        f"uvloop {info['uvloop']}; rounds: {settings.rounds} (medians); run time {elapsed:.0f}s"
+    )
+    print()
+    print(table(summary, settings))
+    if args.json:
+        payload = {
+            "command": command,
+            "machine": info,
+            "settings": settings.__dict__,
+            "elapsed_s": elapsed,
+            "summary": summary,
+            "runs": {"storm": results.storm, "small": results.small, "idle_rss": results.idle_rss},
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
