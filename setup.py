@@ -18,7 +18,10 @@ else:
 
     ext_modules = cythonize(
         # -g0: no debug info in the shipped module (a third of its size otherwise)
-        [Extension("xdsfast._core", ["src/xdsfast/_core.pyx"], extra_compile_args=["-O3", "-g0"])],
+        [
+            Extension(name, [f"src/xdsfast/{name[8:]}.pyx"], extra_compile_args=["-O3", "-g0"])
+            for name in ("xdsfast._core", "xdsfast._h2")  # the peeker; the HTTP/2 engine's helpers
+        ],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )
 

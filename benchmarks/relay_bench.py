@@ -5,6 +5,7 @@ ratios against direct, which are what to read on a noisy shared machine:
 
 * ``direct``      client -> control plane
 * ``xdsfast``     client -> ``xdsfast run`` (Unix socket; plaintext TCP upstream) -> control plane
+* ``xdsfast-fast`` the same with ``--engine fast`` (the HTTP/2 engine on uvloop)
 * ``xdsfast-py``  the same with ``XDSFAST_NO_EXTENSIONS=1`` (pure-Python peeker)
 * ``naive``       client -> a grpc.aio relay that decodes and re-encodes every message
 * ``bare``        (opt-in, ``--only``) the naive relay's loops on raw bytes: the floor for
@@ -50,8 +51,8 @@ from types import FrameType
 from typing import IO, Any
 
 PEERS = Path(__file__).with_name("_relay_peers.py")
-ARRANGEMENTS = ("direct", "xdsfast", "xdsfast-py", "naive", "bare")
-DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:4]
+ARRANGEMENTS = ("direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare")
+DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
 READY_TIMEOUT = 30.0
 XDSFAST_READY = "xDS proxy serving"
 # Environment that would change what `xdsfast run` does (DNS proxy, headers, core).
@@ -367,6 +368,11 @@ class Bench:
             core = "raw bytes" if name == "bare" else "protobuf " + protobuf_impl()
         else:
             env = clean_env(**self.s.relay_env)
+            # Each row names its engine; the others keep the default unless --relay-env says.
+            if name == "xdsfast-fast":
+                env["XDSFAST_ENGINE"] = "fast"
+            elif "XDSFAST_ENGINE" not in self.s.relay_env:
+                env["XDSFAST_ENGINE"] = "grpcio"
             if name == "xdsfast-py":
                 env["XDSFAST_NO_EXTENSIONS"] = "1"
             core = xdsfast_core(env)
@@ -572,14 +578,14 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             f"push storm: {s.storm} x {size / 1e6:.2f} MB CDS ({flavour}), each read and ACKed"
         )
         lines.append(
-            f"{'arrangement':<12}{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
+            f"{'arrangement':<14}{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
             f"{'relay CPU ms/push':>19}{'RSS MB: idle':>14}{'peak':>6}{'after':>7}"
         )
         for name, row in storm_rows:
             st = row["storm"]
             cpu = st.get("relay_cpu")
             lines.append(
-                f"{name:<12}{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}"
+                f"{name:<14}{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}"
                 f"{ratio(st, name)}"
                 f"{_fmt(cpu and cpu / st['count'] * 1e3, '.2f'):>19}"
                 f"{mib(row.get('idle_rss')):>14}{mib(st.get('peak_rss')):>6}"
@@ -595,19 +601,19 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             "response -> ACK before the next (latency as the control plane sees it)"
         )
         lines.append(
-            f"{'arrangement':<12}{'wall s':>8}{'updates/s':>11}{ratio_head}"
+            f"{'arrangement':<14}{'wall s':>8}{'updates/s':>11}{ratio_head}"
             f"{'p50 us':>9}{'p99 us':>9}{'relay CPU us/update':>21}"
         )
         for name, row in small_rows:
             sm = row["small"]
             cpu = sm.get("relay_cpu")
             lines.append(
-                f"{name:<12}{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
+                f"{name:<14}{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
                 f"{sm['p50'] * 1e6:>9.0f}{sm['p99'] * 1e6:>9.0f}"
                 f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
             )
     peers = [
-        f"  {name:<12}"
+        f"  {name:<14}"
         + "".join(
             f"  {w}: control plane {row[w]['cp_cpu']:.2f}s, client {row[w]['client_cpu']:.2f}s"
             for w in ("storm", "small")

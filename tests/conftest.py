@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -17,6 +18,15 @@ import pytest_asyncio
 
 from xdsfast.demo.backend import Backend
 from xdsfast.demo.controlplane import ControlPlane
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """pytest-asyncio's hook: every async test runs on uvloop, as xdsfast does in production."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture
@@ -56,6 +66,7 @@ class XdsfastProcess:
         self.socket_path = socket_path
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr = b""
+        self.status_port: int | None = None  # the status server's port, from its log line
 
     async def start(self, timeout: float = 20.0) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -83,6 +94,9 @@ class XdsfastProcess:
         self.stderr = b"".join(lines)
         if b"xDS proxy serving" not in self.stderr:
             raise RuntimeError(f"xdsfast did not start:\n{self.stderr.decode()}")
+        status = _STATUS_FIELD.search(self.stderr)
+        if status is not None:
+            self.status_port = int(status.group(1))
         self._drain = asyncio.ensure_future(self._read_rest())
 
     async def _read_rest(self) -> None:
@@ -105,6 +119,12 @@ class XdsfastProcess:
         return code
 
 
+# The status server's "status=HOST:PORT" field, in a text or a JSON log line.
+_STATUS_FIELD = re.compile(
+    rb'status server listening[^\n]*?(?:\bstatus=|"status":\s*")[^\s"]*:(\d+)'
+)
+
+
 @contextlib.asynccontextmanager
 async def asyncio_timeout(seconds: float) -> AsyncIterator[None]:
     """``asyncio.timeout`` for Python 3.10 too: raises the builtin TimeoutError."""
@@ -122,8 +142,14 @@ async def asyncio_timeout(seconds: float) -> AsyncIterator[None]:
 XdsfastFactory = Callable[..., Awaitable[XdsfastProcess]]
 
 
+@pytest.fixture(scope="session", params=["grpcio", "fast"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The transport engine under test: every relay test runs on both."""
+    return str(request.param)
+
+
 @pytest_asyncio.fixture
-async def xdsfast_run(short_tmp: Path) -> AsyncIterator[XdsfastFactory]:
+async def xdsfast_run(short_tmp: Path, engine: str) -> AsyncIterator[XdsfastFactory]:
     """Start ``xdsfast run --plaintext --xds-socket <tmp>/XDS ARGS...`` as a process."""
     started: list[XdsfastProcess] = []
 
@@ -133,8 +159,9 @@ async def xdsfast_run(short_tmp: Path) -> AsyncIterator[XdsfastFactory]:
         socket_path = short_tmp / f"p{len(started)}" / "XDS"
         socket_path.parent.mkdir(exist_ok=True)
         full = ["--plaintext"] if plaintext else []
-        full += ["--xds-socket", str(socket_path), *args]
-        proc = XdsfastProcess(full, {**os.environ, **(env or {})}, socket_path)
+        full += ["--xds-socket", str(socket_path), "--status-address", "127.0.0.1:0", *args]
+        environ = {**os.environ, "XDSFAST_ENGINE": engine, **(env or {})}
+        proc = XdsfastProcess(full, environ, socket_path)
         await proc.start()
         started.append(proc)
         return proc

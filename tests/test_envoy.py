@@ -31,6 +31,8 @@ async def test_envoy_through_xdsfast(
         "--discovery-address",
         cp.address,
         "--dns",
+        "--dns-address",
+        "127.0.0.1:0",
         env={"ISTIO_META_CLUSTER_ID": "Kubernetes", "XDS_HEADER_X_MESH": "demo"},
     )
     envoy = EnvoyProcess(f"unix:{relay.socket_path}", delta=delta, workdir=short_tmp)

@@ -26,7 +26,7 @@ AgentFactory = Callable[..., Awaitable[Agent]]
 
 
 @pytest_asyncio.fixture
-async def make_agent(short_tmp: Path) -> AsyncIterator[AgentFactory]:
+async def make_agent(short_tmp: Path, engine: str) -> AsyncIterator[AgentFactory]:
     """Start an in-process agent: ``await make_agent(discovery_address=..., ...)``."""
     agents: list[Agent] = []
 
@@ -34,7 +34,10 @@ async def make_agent(short_tmp: Path) -> AsyncIterator[AgentFactory]:
         values: dict[str, Any] = {
             "plaintext": True,
             "dns_enabled": True,
+            "dns_address": "127.0.0.1:0",  # the DNS proxy on a free port, not 15053
             "xds_socket": str(short_tmp / f"XDS{len(agents)}"),
+            "status_address": "127.0.0.1:0",
+            "engine": engine,
         }
         values.update(settings)
         agent = Agent(Config(**values))
@@ -449,3 +452,18 @@ async def test_requests_over_the_receive_limit_end_the_stream(
     status = await client.wait_closed()
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not any(r.type_url == CLUSTER for r in control_plane.requests)
+
+
+@pytest.mark.parametrize("delta", MODES)
+async def test_requests_sent_before_a_half_close_still_reach_istiod(
+    agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
+) -> None:
+    serve_sample(control_plane)
+    client = await connect(agent, clients, delta)
+    for i in range(50):
+        await client.request(CLUSTER, [f"c{i}"])
+    await client.done_writing()
+    assert (await client.wait_closed()).code == grpc.StatusCode.OK
+    await control_plane.wait_for(
+        lambda: sum(r.type_url == CLUSTER for r in control_plane.requests) == 50
+    )

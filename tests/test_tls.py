@@ -85,11 +85,15 @@ async def tls_control_plane(mesh: Mesh) -> AsyncIterator[CpFactory]:
 
 
 @pytest_asyncio.fixture
-async def agents(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
+async def agents(short_tmp: Path, engine: str) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
     started: list[Agent] = []
 
     async def start(**settings: Any) -> Agent:
-        values: dict[str, Any] = {"xds_socket": str(short_tmp / f"X{len(started)}")}
+        values: dict[str, Any] = {
+            "xds_socket": str(short_tmp / f"X{len(started)}"),
+            "status_address": "127.0.0.1:0",
+            "engine": engine,
+        }
         values.update(settings)
         agent = Agent(Config(**values))
         await agent.start()
@@ -150,6 +154,7 @@ async def test_tls_failures_end_envoys_stream_are_counted_and_explained(
     server: dict[str, Any],
     why: str,
 ) -> None:
+    tls = dict(tls)  # the parameters are shared by every engine's run
     if tls.get("root_ca") == "other":
         other = mesh.dir / "other-root.pem"
         other.write_bytes(Authority("someone else").pem)

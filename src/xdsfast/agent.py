@@ -4,17 +4,67 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
+from typing import Protocol
 
 from xdsfast import log
 from xdsfast.bootstrap import grpc_bootstrap, write_grpc_bootstrap
 from xdsfast.config import Config
+from xdsfast.dns.proxy import DnsProxy
 from xdsfast.dns.table import DnsTable
-from xdsfast.engines.grpcio import DialSettings, GrpcioDialer, GrpcioServer, ServerSettings
-from xdsfast.intercept import Interceptor, NameTableInterceptor
+from xdsfast.engines import Dialer, StreamHandler
+from xdsfast.health import HealthChecker
+from xdsfast.intercept import Interceptor, NameTableInterceptor, ProxyConfigInterceptor
 from xdsfast.metrics import Metrics
 from xdsfast.relay import Relay
+from xdsfast.status import StatusServer, name_table_json
+from xdsfast.wasm import build_rewriter
 
 _log = log.scope("xdsproxy")
+
+
+class _Server(Protocol):
+    tcp_port: int | None
+
+    async def start(self, unix_path: str | None, tcp_address: str | None) -> None: ...
+
+    async def stop(self, grace: float | None = None) -> None: ...
+
+
+def _engine(config: Config) -> tuple[Dialer, Callable[[StreamHandler], _Server]]:
+    """The one place the engine is chosen (``Config.engine``): its dialer and server."""
+    c = config
+    if c.engine == "fast":
+        from xdsfast.engines import fast as f
+
+        fast_settings = f.ServerSettings(
+            c.max_recv_msg_size, c.max_concurrent_streams, c.keepalive_interval, c.keepalive_timeout
+        )
+        dialer = f.FastDialer(
+            f.DialSettings(
+                c.discovery_address,
+                c.tls,
+                c.token_path,
+                keepalive_interval=c.keepalive_interval,
+                keepalive_timeout=c.keepalive_timeout,
+            )
+        )
+        return dialer, lambda handler: f.FastServer(handler, fast_settings)
+    from xdsfast.engines import grpcio as g
+
+    settings = g.ServerSettings(
+        c.max_recv_msg_size, c.max_concurrent_streams, c.keepalive_interval, c.keepalive_timeout
+    )
+    dialer_g = g.GrpcioDialer(
+        g.DialSettings(
+            c.discovery_address,
+            c.tls,
+            c.token_path,
+            keepalive_interval=c.keepalive_interval,
+            keepalive_timeout=c.keepalive_timeout,
+        )
+    )
+    return dialer_g, lambda handler: g.GrpcioServer(handler, settings)
 
 
 class Agent:
@@ -27,36 +77,62 @@ class Agent:
         interceptors: list[Interceptor] = []
         if config.dns_enabled:
             interceptors.append(NameTableInterceptor(self.dns_table))
-        dialer = GrpcioDialer(
-            DialSettings(
-                target=config.discovery_address,
-                tls=config.tls,
-                token_path=config.token_path,
-                keepalive_interval=config.keepalive_interval,
-                keepalive_timeout=config.keepalive_timeout,
-            )
+        if config.pcds_enabled:
+            interceptors.append(ProxyConfigInterceptor(config.trust_bundle))
+        self.dns = (
+            DnsProxy(config, self.dns_table, self.metrics.registry) if config.dns_enabled else None
         )
+        # ECDS: remote Wasm code fetched and served as a local file (Istio's default: on).
+        self.wasm = build_rewriter(config, self.metrics) if config.wasm_conversion else None
+        dialer, make_server = _engine(config)
         self.relay = Relay(
             dialer,
             self.metrics,
             interceptors=interceptors,
+            rewriters=[self.wasm] if self.wasm is not None else [],
             cluster_id=config.cluster_id,
             xds_headers=config.xds_headers,
         )
-        self.server = GrpcioServer(
-            self.relay.handle,
-            ServerSettings(
-                max_recv_msg_size=config.max_recv_msg_size,
-                max_concurrent_streams=config.max_concurrent_streams,
-                keepalive_interval=config.keepalive_interval,
-                keepalive_timeout=config.keepalive_timeout,
-            ),
+        self.server = make_server(self.relay.handle)
+        self.health = (
+            HealthChecker(config.readiness_probe, self.relay.report_health)
+            if config.readiness_probe is not None
+            else None
         )
+        self.serving = False
+        self.status = StatusServer(
+            ready=self.readiness,
+            metrics=self.metrics.exposition,
+            ndsz=lambda: name_table_json(self.dns_table.table),
+            xds=self.relay.debug_state,
+        )
+
+    def readiness(self) -> str | None:
+        """None when ready (``/healthz/ready`` 200), else why not (503)."""
+        if not self.serving:
+            return "not ready: the xDS proxy is not serving (starting or shutting down)"
+        if self.config.dns_enabled and not self.dns_table.ready:
+            return "not ready: DNS is on and no NameTable has been received from istiod yet"
+        return None
 
     async def start(self) -> None:
         """Listen for Envoy; raises OSError when a listener cannot be set up."""
         c = self.config
-        await self.server.start(c.xds_socket, c.xds_listen)
+        if self.dns is not None:  # first, as Istio: a DNS failure aborts start-up
+            await self.dns.start()
+        try:
+            await self.server.start(c.xds_socket, c.xds_listen)
+        except BaseException:
+            if self.dns is not None:
+                await self.dns.stop()
+            raise
+        try:
+            await self.status.start(c.status_address)
+        except BaseException:
+            await self.server.stop(grace=0)
+            if self.dns is not None:
+                await self.dns.stop()
+            raise
         if c.grpc_bootstrap:
             document = grpc_bootstrap(c.xds_socket, c.node_id, dict(c.node_metadata))
             write_grpc_bootstrap(c.grpc_bootstrap, document)
@@ -64,6 +140,11 @@ class Agent:
         if self.server.tcp_port is not None:
             host = c.xds_listen.rpartition(":")[0] if c.xds_listen else ""
             where.append(f"{host}:{self.server.tcp_port}")
+        self.serving = True
+        if self.health is not None:
+            self.health.start()
+        if self.wasm is not None:
+            self.wasm.cache.start()  # the periodic purge of expired modules
         _log.info(
             "xDS proxy serving",
             extra=log.fields(
@@ -74,9 +155,17 @@ class Agent:
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: Envoy's stream ends with OK (so it reconnects elsewhere or later), upstream
         closes, no new streams; whatever is still running after ``grace`` is cancelled."""
+        self.serving = False
+        if self.health is not None:
+            await self.health.stop()
         self.relay.drain()
         await self.server.stop(grace=grace)
+        if self.wasm is not None:
+            await self.wasm.cache.stop()
         _log.info("xDS proxy stopped")
+        if self.dns is not None:
+            await self.dns.stop()
+        await self.status.stop()
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGINT or SIGTERM, then stop cleanly."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
+
+from xdsfast.files import write_atomically
 
 
 def grpc_bootstrap(
@@ -36,16 +37,5 @@ def grpc_bootstrap(
 
 
 def write_grpc_bootstrap(path: str, document: Mapping[str, Any]) -> None:
-    """Write atomically (a reader never sees half a file); create the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".grpc-bootstrap.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(document, out, indent=2)
-            out.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the bootstrap whole (gRPC applications may read it at any moment)."""
+    write_atomically(path, (json.dumps(document, indent=2) + "\n").encode())

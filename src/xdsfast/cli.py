@@ -99,6 +99,17 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         "--resolv-conf", metavar="PATH", help="upstream resolvers (default /etc/resolv.conf)"
     )
     run.add_argument(
+        "--dns-upstream",
+        metavar="IP:PORT",
+        action="append",
+        help="forward to this resolver instead of resolv.conf's nameservers (repeatable)",
+    )
+    run.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        help="the proxy's DNS domain (default <POD_NAMESPACE>.svc.cluster.local)",
+    )
+    run.add_argument(
         "--status-address", metavar="HOST:PORT", help="status server (default 0.0.0.0:15020)"
     )
     run.add_argument(
@@ -109,10 +120,20 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--node-id", metavar="ID", help="node id in the gRPC bootstrap")
     run.add_argument(
+        "--engine",
+        metavar="ENGINE",
+        help="transport: fast (HTTP/2 on uvloop, the default) or grpcio (env XDSFAST_ENGINE)",
+    )
+    run.add_argument(
         "--token-path",
         metavar="PATH",
         help="bearer token for istiod, read at every new stream "
         "(default ./var/run/secrets/tokens/istio-token; missing = no token)",
+    )
+    run.add_argument(
+        "--wasm-cache-dir",
+        metavar="DIR",
+        help="where remote Wasm modules are cached (default /var/lib/istio/data)",
     )
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warn, error or none")
     run.add_argument("--log-format", metavar="FORMAT", help="text or json")

@@ -6,6 +6,7 @@ Anything invalid raises :class:`ConfigError`, which the CLI reports in one line.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from xdsfast.health import Probe, ProbeError, probe_from_config
 
 DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
 DEFAULT_CONFIG_PATH = "./etc/istio/proxy"
@@ -57,6 +60,13 @@ class Config:
     dns_enabled: bool = False
     dns_address: str = DEFAULT_DNS_ADDRESS
     resolv_conf: str = "/etc/resolv.conf"
+    dns_upstreams: tuple[str, ...] = ()  # --dns-upstream IP:PORT; empty: resolv.conf's
+    dns_forward_parallel: bool = False  # DNS_FORWARD_PARALLEL
+    # XDSFAST_DNS_FORWARD_REMOTE: forward for non-loopback clients too (else REFUSED)
+    dns_forward_remote: bool = False
+    dns_forward_timeout: float = 5.0  # DNS_FORWARD_TIMEOUT, per upstream server
+    pod_namespace: str = ""  # POD_NAMESPACE
+    domain: str = ""  # --domain; empty means <pod_namespace>.svc.cluster.local
     status_address: str = DEFAULT_STATUS_ADDRESS
     log_level: str = "info"
     log_format: str = "text"
@@ -69,8 +79,22 @@ class Config:
     grpc_bootstrap: str | None = None  # where to write the proxyless gRPC bootstrap, if at all
     tls: TlsFiles | None = None  # None: plaintext to istiod
     token_path: str = DEFAULT_TOKEN_PATH
+    readiness_probe: Probe | None = None  # ProxyConfig.readinessProbe: workload health checks
+    pcds_enabled: bool = False  # PROXY_CONFIG_XDS_AGENT: consume ProxyConfig pushes
+    trust_bundle: str = f"{DEFAULT_CONFIG_PATH}/trust-bundle.pem"
     node_id: str = "sidecar~127.0.0.1~xdsfast.default~default.svc.cluster.local"
     node_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    engine: str = "fast"  # --engine / XDSFAST_ENGINE: the transport, "fast" or "grpcio"
+    # ECDS Wasm conversion (Istio's env vars; the cache directory also --wasm-cache-dir)
+    wasm_conversion: bool = True  # ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION
+    wasm_cache_dir: str = "/var/lib/istio/data"
+    wasm_module_expiry: float = 24 * 3600.0  # WASM_MODULE_EXPIRY
+    wasm_purge_interval: float = 3600.0  # WASM_PURGE_INTERVAL
+    wasm_http_request_timeout: float = 15.0  # WASM_HTTP_REQUEST_TIMEOUT, per attempt
+    wasm_http_max_retries: int = 5  # WASM_HTTP_REQUEST_MAX_RETRIES, attempts per fetch
+    wasm_max_binary_size: int = 256 * 1024 * 1024  # ISTIO_WASM_MAX_BINARY_SIZE_BYTES
+    wasm_insecure_registries: tuple[str, ...] = ()  # WASM_INSECURE_REGISTRIES ("*": all)
+    wasm_blocked_cidrs: tuple[str, ...] = ()  # BLOCKED_CIDRS_IN_WASM_FETCH
 
     @classmethod
     def build(cls, flags: Mapping[str, Any], env: Mapping[str, str]) -> Config:
@@ -99,6 +123,10 @@ class Config:
             flags.get("dns_address"), env.get("DNS_PROXY_ADDR"), DEFAULT_DNS_ADDRESS
         )
         check_address(dns_address, "DNS address", allow_port_zero=True)
+        dns_upstreams = tuple(flags.get("dns_upstream") or ())
+        for upstream in dns_upstreams:
+            check_dns_upstream(upstream)
+        pod_namespace = env.get("POD_NAMESPACE", "")
         status_address = _first(flags.get("status_address"), None, DEFAULT_STATUS_ADDRESS)
         check_address(status_address, "status address", allow_port_zero=True)
         log_level = _first(flags.get("log_level"), None, "info").lower()
@@ -117,6 +145,12 @@ class Config:
             dns_enabled=bool(dns_enabled),
             dns_address=dns_address,
             resolv_conf=_first(flags.get("resolv_conf"), None, "/etc/resolv.conf"),
+            dns_upstreams=dns_upstreams,
+            dns_forward_parallel=_bool(env, "DNS_FORWARD_PARALLEL"),
+            dns_forward_remote=_bool(env, "XDSFAST_DNS_FORWARD_REMOTE"),
+            dns_forward_timeout=_duration(env, "DNS_FORWARD_TIMEOUT", 5.0),
+            pod_namespace=pod_namespace,
+            domain=_first(flags.get("domain"), None, f"{pod_namespace}.svc.cluster.local"),
             status_address=status_address,
             log_level=log_level,
             log_format=log_format,
@@ -133,14 +167,69 @@ class Config:
             ),
             tls=None if plaintext else tls_files(discovery, env),
             token_path=_first(flags.get("token_path"), None, DEFAULT_TOKEN_PATH),
+            readiness_probe=_readiness_probe(proxy_config, env),
+            pcds_enabled=_bool(env, "PROXY_CONFIG_XDS_AGENT"),
+            trust_bundle=f"{config_path.rstrip('/')}/trust-bundle.pem",
             node_id=_first(flags.get("node_id"), None, node_id(env)),
             node_metadata=node_metadata(env),
+            engine=_engine(flags.get("engine"), env),
+            wasm_conversion=env.get("ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", "") == ""
+            or _bool(env, "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"),
+            wasm_cache_dir=_first(flags.get("wasm_cache_dir"), None, "/var/lib/istio/data"),
+            wasm_module_expiry=_duration(env, "WASM_MODULE_EXPIRY", 24 * 3600.0),
+            wasm_purge_interval=_duration(env, "WASM_PURGE_INTERVAL", 3600.0),
+            wasm_http_request_timeout=_duration(env, "WASM_HTTP_REQUEST_TIMEOUT", 15.0),
+            wasm_http_max_retries=_int(env, "WASM_HTTP_REQUEST_MAX_RETRIES", 5),
+            wasm_max_binary_size=_int(env, "ISTIO_WASM_MAX_BINARY_SIZE_BYTES", 256 * 1024 * 1024),
+            wasm_insecure_registries=_list(env, "WASM_INSECURE_REGISTRIES"),
+            wasm_blocked_cidrs=_cidrs(env, "BLOCKED_CIDRS_IN_WASM_FETCH"),
         )
 
     @property
     def upstream_target(self) -> str:
         """The discovery address as a gRPC target."""
         return self.discovery_address
+
+
+def _readiness_probe(proxy_config: Mapping[str, Any], env: Mapping[str, str]) -> Probe | None:
+    spec = proxy_config.get("readinessProbe")
+    if not spec:
+        return None
+    if not isinstance(spec, dict):
+        raise ConfigError("PROXY_CONFIG readinessProbe must be an object")
+    host = (env.get("INSTANCE_IP") or "").split(",")[0] or "localhost"
+    if _bool(env, "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"):
+        host = "localhost"
+    try:
+        return probe_from_config(spec, host)
+    except (ProbeError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"PROXY_CONFIG: {exc}") from None
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list; empty items are dropped."""
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _cidrs(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    cidrs = _list(env, name)
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {cidr!r} is not a CIDR") from None
+    return cidrs
+
+
+ENGINES = ("fast", "grpcio")
+
+
+def _engine(flag: Any, env: Mapping[str, str]) -> str:
+    """The transport engine: ``--engine``, else ``XDSFAST_ENGINE``, else the fast one."""
+    engine = _first(flag, env.get("XDSFAST_ENGINE"), "fast").lower()
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be fast or grpcio, not {engine!r}")
+    return engine
 
 
 def _first(*values: Any) -> str:
@@ -332,6 +421,17 @@ def check_address(
         raise ConfigError(f"{what} {address!r} is not {expected}") from None
     if port > 65535 or (port == 0 and not allow_port_zero):
         raise ConfigError(f"{what} {address!r}: port out of range")
+
+
+def check_dns_upstream(address: str) -> None:
+    """``--dns-upstream``: IP:PORT or [IPv6]:PORT (a resolver is not found by name)."""
+    try:
+        host, port = split_host_port(address)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"--dns-upstream {address!r} is not IP:PORT or [IPv6]:PORT") from None
+    if not 0 < port <= 65535:
+        raise ConfigError(f"--dns-upstream {address!r}: port out of range")
 
 
 def from_environment(flags: Mapping[str, Any]) -> Config:

@@ -7,6 +7,7 @@ Only these responses are ever decoded; everything else stays opaque bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from google.protobuf.message import DecodeError
@@ -14,6 +15,7 @@ from google.protobuf.message import DecodeError
 from xdsfast import xds_pb2
 from xdsfast.dns.table import DnsTable
 from xdsfast.engines import Mode
+from xdsfast.files import write_atomically
 from xdsfast.nds_pb2 import NameTable
 
 NAME_TABLE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
@@ -35,15 +37,54 @@ def subscribe(mode: Mode, type_url: str) -> bytes:
     return xds_pb2.DeltaDiscoveryRequest(type_url=type_url).SerializeToString()
 
 
-def acknowledge(mode: Mode, type_url: str, version: str, nonce: str, error: str | None) -> bytes:
-    """An ACK, or a NACK with error_detail (code 13) when ``error`` is given."""
+def acknowledge(
+    mode: Mode,
+    type_url: str,
+    version: str,
+    nonce: str,
+    error: str | None,
+    names: Sequence[str] = (),
+) -> bytes:
+    """An ACK, or a NACK with error_detail (code 13) when ``error`` is given.
+
+    ``names``: a SotW request restates its subscription, so a NACK made on Envoy's
+    behalf carries Envoy's names (an empty list would mean "everything")."""
     request: xds_pb2.DiscoveryRequest | xds_pb2.DeltaDiscoveryRequest
     if mode is Mode.SOTW:
         request = xds_pb2.DiscoveryRequest(
-            version_info=version, type_url=type_url, response_nonce=nonce
+            version_info=version, type_url=type_url, response_nonce=nonce, resource_names=names
         )
     else:
         request = xds_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
+    if error is not None:
+        request.error_detail.code = INTERNAL
+        request.error_detail.message = error
+    return request.SerializeToString()
+
+
+class Rejected(Exception):
+    """A response the agent cannot pass on as it is: NACKed upstream, never forwarded."""
+
+
+class Rewriter(Protocol):
+    """A type the agent rewrites before Envoy sees it (ECDS Wasm: remote code -> local file)."""
+
+    type_url: str
+
+    async def rewrite(self, mode: Mode, data: bytes) -> bytes:
+        """The response to forward (``data`` itself when nothing changes); raise Rejected."""
+
+
+HEALTH = "type.googleapis.com/istio.v1.HealthInformation"
+
+
+def health_request(mode: Mode, error: str | None) -> bytes:
+    """The agent's report of the workload's health: error_detail (code 13) when unhealthy."""
+    request: xds_pb2.DiscoveryRequest | xds_pb2.DeltaDiscoveryRequest
+    if mode is Mode.SOTW:
+        request = xds_pb2.DiscoveryRequest(type_url=HEALTH)
+    else:
+        request = xds_pb2.DeltaDiscoveryRequest(type_url=HEALTH)
     if error is not None:
         request.error_detail.code = INTERNAL
         request.error_detail.message = error
@@ -73,6 +114,31 @@ class NameTableInterceptor:
         except DecodeError as exc:
             raise ValueError(f"cannot decode NameTable: {exc}") from exc
         self.table.update(name_table, version)
+
+
+PROXY_CONFIG = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"
+
+
+class ProxyConfigInterceptor:
+    """ProxyConfig (PCDS) pushes: istiod's extra CA certificates, written as a trust bundle."""
+
+    type_url = PROXY_CONFIG
+
+    def __init__(self, trust_bundle: str) -> None:
+        self.trust_bundle = trust_bundle
+
+    def apply(self, value: bytes, version: str) -> None:
+        try:
+            config = xds_pb2.ProxyConfig.FromString(value)
+        except DecodeError as exc:
+            raise ValueError(f"cannot decode ProxyConfig: {exc}") from exc
+        bundle = "".join(
+            pem if pem.endswith("\n") else pem + "\n" for pem in config.ca_certificates_pem
+        )
+        try:
+            write_atomically(self.trust_bundle, bundle.encode())
+        except OSError as exc:
+            raise ValueError(f"cannot write the trust bundle {self.trust_bundle}: {exc}") from exc
 
 
 def first_resource(mode: Mode, data: bytes) -> tuple[str, bytes] | None:

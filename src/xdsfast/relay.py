@@ -15,11 +15,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from xdsfast import intercept, log, wire
+from google.protobuf.message import DecodeError
+
+from xdsfast import intercept, log, wire, xds_pb2
 from xdsfast.engines import (
     OK,
     Code,
@@ -31,8 +34,8 @@ from xdsfast.engines import (
     StreamError,
     Upstream,
 )
-from xdsfast.intercept import Interceptor
-from xdsfast.metrics import Metrics
+from xdsfast.intercept import Interceptor, Rewriter
+from xdsfast.metrics import Metrics, TypeBytes
 
 _log = log.scope("xdsproxy")
 
@@ -48,6 +51,10 @@ _EXPECTED_UNAVAILABLE = (
     "Connection reset by peer",
     "RST_STREAM with error code 0",
 )
+
+
+# How long a half-closing Envoy's queued requests may take to reach istiod.
+_FLUSH_TIMEOUT = 2.0
 
 
 def is_expected(status: Status) -> bool:
@@ -67,7 +74,7 @@ def termination_type(status: Status) -> str:
 class Ending:
     """Which side ended a session first, and how."""
 
-    side: str  # "upstream", "downstream", "replaced" or "internal"
+    side: str  # "upstream", "downstream", "half-closed", "replaced" or "internal"
     status: Status
 
 
@@ -91,6 +98,65 @@ class _Flavour:
 _FLAVOURS = {mode: _Flavour(mode) for mode in Mode}
 
 
+class _TypeState:
+    """One type on one stream, as ``/debug/xds`` shows it; kept per message."""
+
+    __slots__ = (
+        "ack",
+        "ack_nonce",
+        "acked",
+        "acked_data",
+        "bytes",
+        "error",
+        "last",
+        "pushed",
+        "responses",
+        "totals",
+    )
+
+    def __init__(self, totals: TypeBytes) -> None:
+        self.totals = totals  # the process-wide byte counters of this type
+        self.last: Any = None  # the peek of the last response
+        self.responses = 0
+        self.bytes = 0
+        self.pushed = 0.0  # perf_counter() when the last response was written to Envoy
+        self.ack = ""  # "ACK" or "NACK": the answer to a response, last seen
+        self.ack_nonce = ""
+        self.error: tuple[int, str] | None = None  # the last NACK's (code, message)
+        self.acked: Any = None  # the peek of Envoy's last ACK of this type
+        self.acked_data: bytes | None = None  # and its bytes (a reference, not a copy)
+
+    def nack(self, mode: Mode, data: bytes) -> None:
+        """Record a NACK with its error_detail (decoding the request: NACKs are rare)."""
+        self.ack = "NACK"
+        message: Any = (
+            xds_pb2.DiscoveryRequest if mode is Mode.SOTW else xds_pb2.DeltaDiscoveryRequest
+        )
+        try:
+            detail = message.FromString(data).error_detail
+            self.error = (int(detail.code), str(detail.message))
+        except DecodeError:
+            self.error = (0, "(error_detail could not be decoded)")
+
+    def describe(self, flavour: _Flavour, epoch: float) -> dict[str, Any]:
+        last, error = self.last, self.error
+        return {
+            "version": "" if last is None else flavour.version(last),
+            "nonce": "" if last is None else last.nonce,
+            "responses": self.responses,
+            "bytes": self.bytes,
+            "last_push": _rfc3339(epoch + self.pushed) if self.pushed else None,
+            "ack": self.ack or None,
+            "ack_nonce": self.ack_nonce,
+            "error_detail": None if error is None else {"code": error[0], "message": error[1]},
+        }
+
+
+def _rfc3339(seconds: float) -> str:
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{whole}.{int(seconds % 1 * 1000):03d}Z"
+
+
 class Relay:
     """Serves Envoy streams; only one is active at a time, as in Istio's agent."""
 
@@ -100,12 +166,16 @@ class Relay:
         metrics: Metrics,
         *,
         interceptors: Iterable[Interceptor] = (),
+        rewriters: Iterable[Rewriter] = (),
         cluster_id: str = "",
         xds_headers: Iterable[tuple[str, str]] = (),
     ) -> None:
         self.dialer = dialer
         self.metrics = metrics
         self.interceptors = {i.type_url: i for i in interceptors}
+        self.rewriters = {r.type_url: r for r in rewriters}
+        # The last health report per flavour: sent after every stream's first LDS request.
+        self.health: dict[Mode, bytes] = {}
         self.metadata = (("clusterid", cluster_id), *((k.lower(), v) for k, v in xds_headers))
         self.active: Session | None = None
         self.draining = False
@@ -116,6 +186,17 @@ class Relay:
         self.draining = True
         if self.active is not None:
             self.active.replace("xdsfast is shutting down")
+
+    def report_health(self, error: str | None) -> None:
+        """The workload's health changed: cache the report, and send it now if it may go."""
+        self.health = {mode: intercept.health_request(mode, error) for mode in Mode}
+        session = self.active
+        if session is not None and session.initial_requests_sent:
+            session.requests.put_nowait(self.health[session.mode])
+
+    def debug_state(self) -> dict[str, Any]:
+        """Per active stream and type: versions, nonces, ACK/NACK, counts (``/debug/xds``)."""
+        return {"streams": [] if self.active is None else [self.active.debug_state()]}
 
     async def handle(self, downstream: Downstream, mode: Mode) -> Status:
         """Relay one Envoy stream until either side ends; the result ends Envoy's stream."""
@@ -150,6 +231,22 @@ class Session:
         self.initial_requests_sent = False
         self._replaced = asyncio.Event()
         self._replaced_why = ""
+        self.types: dict[str, _TypeState] = {}  # type URL -> what /debug/xds shows
+        self.started = time.time()
+
+    def _state(self, type_url: str) -> _TypeState:
+        state = self.types[type_url] = _TypeState(self.metrics.xds_bytes.of(type_url))
+        return state
+
+    def debug_state(self) -> dict[str, Any]:
+        epoch = time.time() - time.perf_counter()  # perf_counter() + epoch = Unix time
+        return {
+            "id": self.id,
+            "mode": "sotw" if self.mode is Mode.SOTW else "delta",
+            "peer": self.downstream.peer,
+            "connected": _rfc3339(self.started),
+            "types": {url: s.describe(self.flavour, epoch) for url, s in self.types.items()},
+        }
 
     def replace(self, why: str) -> None:
         """End this session with OK, for ``why``."""
@@ -175,6 +272,8 @@ class Session:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             ending = self._ending(next(iter(done)))
+            if ending.side == "half-closed":
+                ending = await self._after_half_close(upstream, tasks[2])
         except asyncio.CancelledError:  # Envoy went away: the engine cancels the handler
             self.metrics.envoy_connection_terminations.inc_label("cancelled")
             _log.info("Envoy stream cancelled", extra=fields)
@@ -186,6 +285,16 @@ class Session:
                 await asyncio.gather(*tasks, return_exceptions=True)
             await upstream.close()
         return self._account(ending, fields)
+
+    async def _after_half_close(
+        self, upstream: Upstream, responses: asyncio.Future[Ending]
+    ) -> Ending:
+        """Envoy said it has nothing more to send: half-close upstream too, so istiod reads
+        every request before the stream goes, and give istiod a moment to end it."""
+        await upstream.half_close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(responses), _FLUSH_TIMEOUT)
+        return Ending("downstream", OK)
 
     def _ending(self, task: asyncio.Future[Ending]) -> Ending:
         """The ending a pump returned; a bug in a pump ends the pair, loudly."""
@@ -224,6 +333,7 @@ class Session:
         peek = self.flavour.peek_request
         queue = self.requests
         recv_max = self.metrics.pilot_xds_recv_max
+        types = self.types
         debug = _log.isEnabledFor(logging.DEBUG)
         while True:
             try:
@@ -231,7 +341,10 @@ class Session:
             except StreamError as exc:
                 return Ending("downstream", exc.status)
             if data is None:
-                return Ending("downstream", OK)
+                # Envoy half-closed: what it sent before still goes to istiod (bounded wait).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(queue.join(), _FLUSH_TIMEOUT)
+                return Ending("half-closed", OK)
             if len(data) > recv_max.value:
                 recv_max.value = len(data)
             try:
@@ -244,14 +357,27 @@ class Session:
                 )
             if debug:
                 _log.debug("request for %s", request.type_url, extra=log.fields(id=self.id))
+            state = types.get(request.type_url) or self._state(request.type_url)
+            state.totals.request += len(data)
+            if request.response_nonce:
+                state.ack_nonce = request.response_nonce
+                if request.has_error_detail:
+                    state.nack(self.mode, data)
+                else:
+                    state.ack = "ACK"
+                    state.acked, state.acked_data = request, data
             queue.put_nowait(data)
             if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
                 self.initial_requests_sent = True
                 for type_url in self.relay.interceptors:
                     queue.put_nowait(intercept.subscribe(self.mode, type_url))
+                cached_health = self.relay.health.get(self.mode)
+                if cached_health is not None:
+                    queue.put_nowait(cached_health)
 
     async def _to_istiod(self, upstream: Upstream) -> Ending:
         get = self.requests.get
+        done = self.requests.task_done
         send = upstream.send
         sent = self.metrics.xds_proxy_requests
         while True:
@@ -261,15 +387,20 @@ class Session:
             except StreamError as exc:
                 return Ending("upstream", exc.status)
             sent.value += 1
+            done()
 
     async def _from_istiod(self, upstream: Upstream) -> Ending:
         recv = upstream.recv
         send = self.downstream.send
         peek = self.flavour.peek_response
         interceptors = self.relay.interceptors
+        rewriters = self.relay.rewriters
         received = self.metrics.xds_proxy_responses
         forwarded: dict[str, bool] = {}  # type_url -> allowed, so the check runs once per type
         debug = _log.isEnabledFor(logging.DEBUG)
+        types = self.types
+        clock = time.perf_counter
+        observe = self.metrics.push_latency.observe
         while True:
             try:
                 data = await recv()
@@ -278,6 +409,7 @@ class Session:
             if data is None:
                 return Ending("upstream", OK)
             received.value += 1
+            arrived = clock()
             try:
                 response = peek(data)
             except wire.WireError as exc:
@@ -302,22 +434,70 @@ class Session:
                     extra=log.fields(id=self.id),
                 )
                 continue
+            state = types.get(type_url) or self._state(type_url)
+            rewriter = rewriters.get(type_url)
+            if rewriter is not None:
+                rewritten = await self._rewrite(rewriter, data, response, state)
+                if rewritten is None:
+                    continue
+                data = rewritten
+            state.last = response
+            state.responses += 1
+            size = len(data)
+            state.bytes += size
+            state.totals.response += size
             try:
                 await send(data)
             except StreamError as exc:
                 return Ending("downstream", exc.status)
+            state.pushed = written = clock()
+            observe(written - arrived)
+
+    async def _rewrite(
+        self, rewriter: Rewriter, data: bytes, response: Any, state: _TypeState
+    ) -> bytes | None:
+        """The rewritten response, or None when it was NACKed upstream instead.
+
+        A NACK carries the version Envoy last ACKed for the type (SotW), as Istio's."""
+        try:
+            return await rewriter.rewrite(self.mode, data)
+        except intercept.Rejected as exc:
+            acked = "" if state.acked is None else getattr(state.acked, "version_info", "")
+            names: Sequence[str] = ()
+            if self.mode is Mode.SOTW and state.acked_data is not None:
+                names = xds_pb2.DiscoveryRequest.FromString(state.acked_data).resource_names
+            nack = intercept.acknowledge(
+                self.mode, rewriter.type_url, acked, response.nonce, str(exc), names
+            )
+            self.requests.put_nowait(nack)
+            self.metrics.dropped_responses.inc_label("rejected_by_agent")
+            _log.error(
+                "rejected (NACK) instead of forwarding: %s",
+                exc,
+                extra=log.fields(id=self.id, type=rewriter.type_url),
+            )
+            return None
 
     def _consume(self, interceptor: Interceptor, data: bytes, response: Any) -> None:
         version = self.flavour.version(response)
         reply, error = intercept.consume(interceptor, self.mode, data, version, response.nonce)
         fields = log.fields(id=self.id, type=interceptor.type_url, version=version)
+        state = self.types.get(response.type_url) or self._state(response.type_url)
+        state.last = response
+        state.responses += 1
+        state.bytes += len(data)
+        state.totals.response += len(data)
         if reply is None:
             _log.info("empty response consumed, not acknowledged", extra=fields)
             return
+        state.pushed = time.perf_counter()  # applied, and answered by the agent itself
+        state.ack_nonce = response.nonce
         if error is None:
+            state.ack = "ACK"
             self.metrics.consumed_responses.inc_label("applied")
             _log.info("applied and acknowledged", extra=fields)
         else:
+            state.ack, state.error = "NACK", (intercept.INTERNAL, error)
             self.metrics.consumed_responses.inc_label("rejected")
             _log.error("rejected (NACK): %s", error, extra=fields)
         self.requests.put_nowait(reply)

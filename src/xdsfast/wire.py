@@ -8,6 +8,7 @@ wheel).  ``IMPLEMENTATION`` says which one is active.
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from xdsfast._errors import WireError
@@ -28,7 +29,20 @@ __all__ = [
 
 NO_EXTENSIONS = bool(os.environ.get("XDSFAST_NO_EXTENSIONS"))
 
-if TYPE_CHECKING or NO_EXTENSIONS:
+
+def _load() -> tuple[ModuleType, str]:
+    from xdsfast import _core_py
+
+    if NO_EXTENSIONS:
+        return _core_py, "python"
+    try:
+        from xdsfast import _core
+    except ImportError:  # no compiled core for this platform: the twin serves
+        return _core_py, "python"
+    return _core, "cython"
+
+
+if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast._core_py import (
         DeltaRequestPeek,
         DeltaResponsePeek,
@@ -42,29 +56,12 @@ if TYPE_CHECKING or NO_EXTENSIONS:
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from xdsfast._core import (
-            DeltaRequestPeek,
-            DeltaResponsePeek,
-            RequestPeek,
-            ResponsePeek,
-            peek_delta_request,
-            peek_delta_response,
-            peek_request,
-            peek_response,
-        )
-
-        IMPLEMENTATION = "cython"
-    except ImportError:  # no compiled core for this platform: the twin serves
-        from xdsfast._core_py import (
-            DeltaRequestPeek,
-            DeltaResponsePeek,
-            RequestPeek,
-            ResponsePeek,
-            peek_delta_request,
-            peek_delta_response,
-            peek_request,
-            peek_response,
-        )
-
-        IMPLEMENTATION = "python"
+    _impl, IMPLEMENTATION = _load()
+    RequestPeek = _impl.RequestPeek
+    ResponsePeek = _impl.ResponsePeek
+    DeltaRequestPeek = _impl.DeltaRequestPeek
+    DeltaResponsePeek = _impl.DeltaResponsePeek
+    peek_request = _impl.peek_request
+    peek_response = _impl.peek_response
+    peek_delta_request = _impl.peek_delta_request
+    peek_delta_response = _impl.peek_delta_response

@@ -76,3 +76,9 @@ class DeltaDiscoveryResponse(_message.Message):
     nonce: str
     removed_resources: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, system_version_info: _Optional[str] = ..., resources: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ..., type_url: _Optional[str] = ..., nonce: _Optional[str] = ..., removed_resources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProxyConfig(_message.Message):
+    __slots__ = ("ca_certificates_pem",)
+    CA_CERTIFICATES_PEM_FIELD_NUMBER: _ClassVar[int]
+    ca_certificates_pem: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ca_certificates_pem: _Optional[_Iterable[str]] = ...) -> None: ...

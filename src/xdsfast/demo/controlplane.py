@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -37,6 +37,7 @@ ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 NAME_TABLE = TYPE_PREFIX + "istio.networking.nds.v1.NameTable"
 PROXY_CONFIG = TYPE_PREFIX + "istio.mesh.v1alpha1.ProxyConfig"
+EXTENSION_CONFIG = TYPE_PREFIX + "envoy.config.core.v3.TypedExtensionConfig"  # ECDS
 
 #: Types where an empty subscription means "everything" (SotW legacy wildcard).
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, NAME_TABLE, PROXY_CONFIG})
@@ -134,7 +135,7 @@ class _Sub:
 class _Stream:
     id: int
     mode: Mode
-    outbox: asyncio.Queue[Response | None]
+    outbox: asyncio.Queue[Response | bytes | None]
     subs: dict[str, _Sub] = field(default_factory=dict)
 
 
@@ -162,10 +163,13 @@ class ControlPlane:
         *,
         credentials: grpc.ServerCredentials | None = None,
         token: str | None = None,
+        options: Sequence[tuple[str, int | str]] = (),
     ) -> None:
         """``credentials``: serve TLS (e.g. requiring client certificates); ``token``:
-        refuse streams without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
+        refuse streams without ``authorization: Bearer <token>`` (UNAUTHENTICATED);
+        ``options``: more gRPC server options (e.g. ``grpc.max_connection_age_ms``)."""
         self.address = address
+        self.options = list(options)
         self.credentials = credentials
         self.token = token
         self.port = 0
@@ -185,8 +189,9 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Listen; afterwards ``.address``/``.port`` name the real endpoint."""
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        server = grpc.aio.server(options=[*_GRPC_OPTIONS, *self.options])
+        servicer = _Servicer(self)
+        server.add_generic_rpc_handlers([_handlers(servicer)])
         if self.credentials is None:
             port = server.add_insecure_port(self.address)
         else:
@@ -310,6 +315,26 @@ class ControlPlane:
             self._emit(stream, resp, type_url, version, nonce, names, ())
             nonces.append(nonce)
         return nonces
+
+    def push_bytes(
+        self,
+        data: bytes,
+        *,
+        type_url: str = "",
+        version: str = "",
+        nonce: str = "",
+        stream_id: int | None = None,
+    ) -> int:
+        """Send ``data`` as one response frame, as is (garbage, or a response built elsewhere),
+        to every open stream (or one); recorded with the given labels. Returns the streams."""
+        streams = [s for s in self._streams.values() if stream_id in (None, s.id)]
+        for stream in streams:
+            stream.outbox.put_nowait(data)
+            self.responses.append(
+                Sent(stream.id, stream.mode, type_url, version, nonce, (), (), len(data))
+            )
+        self._notify()
+        return len(streams)
 
     def push_empty(self, type_url: str, *, stream_id: int | None = None) -> list[str]:
         """Send a response with zero resources (e.g. an empty NDS push)."""
@@ -515,6 +540,29 @@ class ControlPlane:
         event.set()
 
 
+def _serialize(message: Response | bytes) -> bytes:
+    """Responses are messages, or bytes already (``push_bytes``) sent as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:
+    """ADS with the usual request decoding and a response serializer that passes bytes."""
+    service = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+    methods = {
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamAggregatedResources,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=_serialize,
+        ),
+        "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.DeltaAggregatedResources,
+            request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+            response_serializer=_serialize,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(service, methods)
+
+
 class _Servicer:
     """gRPC glue: one reader task per stream feeds the control plane; the
     handler itself (an async generator, as grpc.aio requires) drains the outbox.
@@ -527,7 +575,7 @@ class _Servicer:
         self,
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse | bytes]:
         async for resp in self._serve("sotw", request_iterator, context):
             yield resp
 
@@ -535,7 +583,7 @@ class _Servicer:
         self,
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse | bytes]:
         async for resp in self._serve("delta", request_iterator, context):
             yield resp
 
@@ -544,7 +592,7 @@ class _Servicer:
         mode: Mode,
         request_iterator: AsyncIterator[Request],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[Response]:
+    ) -> AsyncIterator[Response | bytes]:
         stream = self._cp._open_stream(mode, context)
         token = self._cp.token
         if token is not None and self._cp.stream_metadata[-1].get("authorization") != (

@@ -71,7 +71,9 @@ class Demo:
             plaintext=True,
             xds_socket=str(socket_path),
             dns_enabled=True,
+            dns_address="127.0.0.1:0",
             cluster_id="Kubernetes",
+            status_address="127.0.0.1:0",
         )
         self.agent = Agent(config)
         await self.agent.start()

@@ -91,6 +91,9 @@ class Upstream(Protocol):
     async def send(self, data: bytes) -> None:
         """Write one request. Raises StreamError."""
 
+    async def half_close(self) -> None:
+        """No more requests (after those already sent); istiod may still answer."""
+
     async def close(self) -> None:
         """Cancel the stream and drop its connection."""
 

@@ -102,6 +102,9 @@ class GrpcioServer:
             ("grpc.max_concurrent_streams", s.max_concurrent_streams),
             ("grpc.keepalive_time_ms", int(s.keepalive_interval * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+            # gRPC C-core (1.85) waits for a PING ACK this long, not keepalive_timeout_ms
+            # (default 60 s): without it a peer that stopped answering goes unnoticed.
+            ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", int(s.keepalive_interval * 500)),
             ("grpc.so_reuseport", 0),
         ]
@@ -202,6 +205,10 @@ class _Upstream:
         except (aio.UsageError, asyncio.InvalidStateError) as exc:  # the call already ended
             raise StreamError(await self._final()) from exc
 
+    async def half_close(self) -> None:
+        with contextlib.suppress(aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError):
+            await self._call.done_writing()
+
     async def close(self) -> None:
         self._call.cancel()
         await self._channel.close()
@@ -223,6 +230,9 @@ class GrpcioDialer:
             ("grpc.max_send_message_length", -1),
             ("grpc.keepalive_time_ms", int(s.keepalive_interval * 1000)),
             ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+            # gRPC C-core (1.85) waits for a PING ACK this long, not keepalive_timeout_ms
+            # (default 60 s): without it a peer that stopped answering goes unnoticed.
+            ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.initial_reconnect_backoff_ms", 100),

@@ -1,0 +1,1250 @@
+"""The fast engine: gRPC over HTTP/2 written for this one job, on asyncio Protocols.
+
+One ``_Connection`` (an ``asyncio.Protocol``) per TCP/Unix/TLS connection; the server
+side serves Envoy (h2c, many streams), the client side carries one stream to istiod
+per connection.  Frames are found and gRPC messages cut out by ``xdsfast._h2``
+(Cython, or its twin ``_h2_py``); outgoing messages go to ``transport.writelines``
+as frame headers plus slices of the message, never joined.
+
+Flow control bounds memory both ways: a stream's receive window is credited back
+only for bytes the relay has taken with ``recv()`` (or that belong to a message still
+being reassembled, which must complete), and ``send()`` waits for the peer's window
+and for the transport's write buffer to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union, cast
+from urllib.parse import quote, unquote
+
+import hpack
+
+from xdsfast import log
+from xdsfast.config import TlsFiles
+from xdsfast.engines import (
+    SERVICE,
+    Code,
+    DialError,
+    Mode,
+    Status,
+    StreamError,
+    StreamHandler,
+    Upstream,
+)
+from xdsfast.engines._sockets import prepare_socket_path
+from xdsfast.upstream import TlsMaterial, bearer_token, load_tls
+
+if os.environ.get("XDSFAST_NO_EXTENSIONS"):
+    from xdsfast import _h2_py as _h2
+else:
+    try:
+        from xdsfast import _h2  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover - no compiled core on this platform
+        from xdsfast import _h2_py as _h2
+
+IMPLEMENTATION = "python" if _h2.__name__.endswith("_py") else "cython"
+
+_log = log.scope("xdsproxy")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+# Flags
+END_STREAM = ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+# Settings
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
+# Error codes
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 4, 5, 6, 7
+CANCEL, COMPRESSION_ERROR, CONNECT_ERROR, ENHANCE_YOUR_CALM = 8, 9, 10, 11
+
+MAX_WINDOW = 2**31 - 1
+DEFAULT_WINDOW = 65_535
+DEFAULT_FRAME = 16_384
+# What we advertise for receiving.
+RECV_FRAME = 1 << 20  # largest frame we accept
+STREAM_WINDOW = 4 << 20  # per stream; credited back as the relay consumes
+CONN_WINDOW = 16 << 20
+MAX_HEADER_LIST = 64 << 10  # decoded header list size we accept
+MAX_HEADER_BLOCK = 256 << 10  # encoded header block (HEADERS + CONTINUATION) we buffer
+UNLIMITED = 2**62
+CLOSE_WAIT = 1.0  # how long closing an upstream stream waits for istiod to end it
+
+_CONTENT_TYPE = b"application/grpc"
+
+# gRPC's mapping of HTTP status codes (for a response that is not gRPC).
+_HTTP_TO_GRPC = {400: Code.INTERNAL, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED,
+                 404: Code.UNIMPLEMENTED, 429: Code.UNAVAILABLE, 502: Code.UNAVAILABLE,
+                 503: Code.UNAVAILABLE, 504: Code.UNAVAILABLE}  # fmt: skip
+# RST_STREAM codes as gRPC statuses (gRPC's HTTP/2 transport spec).
+_RST_TO_GRPC = {NO_ERROR: Code.INTERNAL, REFUSED_STREAM: Code.UNAVAILABLE, CANCEL: Code.CANCELLED,
+                ENHANCE_YOUR_CALM: Code.RESOURCE_EXHAUSTED}  # fmt: skip
+
+_PATHS = {f"/{SERVICE}/{mode.value}".encode(): mode for mode in Mode}
+
+Chunk = Union[bytes, memoryview]
+
+
+class ConnectionError_(Exception):
+    """A connection-level protocol error: GOAWAY with ``code``."""
+
+    def __init__(self, code: int, why: str) -> None:
+        super().__init__(why)
+        self.code = code
+
+
+class _StreamReset(Exception):
+    """A stream-level protocol error: RST_STREAM with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
+    return _h2.frame_header(length, ftype, flags, stream_id)
+
+
+def _settings(values: dict[int, int]) -> bytes:
+    payload = b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in values.items())
+    return _header(len(payload), SETTINGS, 0, 0) + payload
+
+
+def _percent(message: str) -> bytes:
+    return quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode("ascii")
+
+
+# -- streams ---------------------------------------------------------------------------------
+
+
+class _Stream:
+    """One HTTP/2 stream carrying one gRPC call, either side."""
+
+    __slots__ = (
+        "_waiter",
+        "closed",
+        "conn",
+        "credit",
+        "ended",
+        "error",
+        "held",
+        "id",
+        "max_recv",
+        "messages",
+        "rbuf",
+        "recv_window",
+        "send_window",
+        "sent_headers",
+        "status",
+        "task",
+    )
+
+    def __init__(self, conn: _Connection, stream_id: int, max_recv: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.max_recv = max_recv
+        self.rbuf = bytearray()  # a gRPC message being reassembled
+        self.messages: deque[bytes] = deque()  # complete, not yet taken by recv()
+        self.held = 0  # received bytes not yet credited back to the peer
+        self.credit = 0  # bytes the relay has consumed, to credit in a batch
+        self.recv_window = conn.local_window
+        self.send_window = conn.peer_initial_window
+        self._waiter: asyncio.Future[None] | None = None
+        self.ended = False  # the peer ended its side (END_STREAM)
+        self.closed = False  # we are done with it (trailers sent / reset / failed)
+        self.error: StreamError | None = None  # recv() raises it once messages run out
+        self.status: Status | None = None  # the peer's trailers (client side)
+        self.sent_headers = False
+        self.task: asyncio.Task[None] | None = None
+
+    # receiving
+
+    def on_data(self, payload: memoryview, flow: int) -> None:
+        """``flow`` counts the whole frame (padding too) for flow control."""
+        self.recv_window -= flow
+        if self.recv_window < 0:
+            raise _StreamReset(FLOW_CONTROL_ERROR)
+        if self.error is not None or self.closed:  # not wanted any more: credit at once
+            self.conn.credit_stream(self, flow)
+            return
+        rbuf = self.rbuf
+        self.held += flow
+        if rbuf:
+            rbuf += payload
+            messages, consumed, error, length = _h2.take_messages(rbuf, self.max_recv)
+            if consumed:
+                del rbuf[:consumed]
+        else:  # whole messages straight from the frame, no reassembly copy
+            messages, consumed, error, length = _h2.take_messages(payload, self.max_recv)
+            if not error and consumed < len(payload):
+                rbuf += payload[consumed:]
+        if error:
+            self._bad_message(error, length)
+            return
+        if messages:
+            self.messages.extend(messages)
+            self._wake()
+        elif not self.messages:
+            # A message is being reassembled and nothing waits to be taken: let it come.
+            self._release()
+
+    def _bad_message(self, error: int, length: int) -> None:
+        if error == 1:
+            status = Status(Code.INTERNAL, "compressed gRPC messages are not supported")
+        else:
+            status = Status(
+                Code.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({length} vs. {self.max_recv})",
+            )
+        self.rbuf = bytearray()
+        self.fail(StreamError(status))
+        self.conn.on_bad_message(self, status)
+
+    def _release(self) -> None:
+        """Credit everything held (called when the queue is empty)."""
+        if self.held:
+            self.conn.credit_stream(self, self.held)
+            self.held = 0
+
+    def on_end(self) -> None:
+        self.ended = True
+        if self.rbuf and self.error is None:
+            self.error = StreamError(Status(Code.INTERNAL, "stream ended inside a message"))
+        self._wake()
+
+    def fail(self, error: StreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def finished(self) -> None:
+        """Until the peer ended the stream or it failed (messages left unread are dropped)."""
+        while not self.ended and self.error is None and not self.closed:
+            self.messages.clear()
+            self._release()
+            waiter = self._waiter = self.conn.loop.create_future()
+            await waiter
+
+    async def next_message(self) -> bytes | None:
+        """The next message; None at the peer's END_STREAM; raises ``self.error``."""
+        while True:
+            messages = self.messages
+            if messages:
+                data = messages.popleft()
+                if not messages:
+                    self._release()
+                return data
+            if self.error is not None:
+                raise self.error
+            if self.ended:
+                return None
+            waiter = self._waiter = self.conn.loop.create_future()
+            await waiter
+
+    # sending
+
+    async def write_message(self, data: bytes) -> None:
+        conn = self.conn
+        total = len(data) + 5
+        offset = 0
+        while offset < total:
+            if self.closed or conn.closed:
+                raise self.error or StreamError(conn.lost_status())
+            window = min(self.send_window, conn.send_window)
+            if window <= 0:
+                await conn.wait_window()
+                continue
+            n = min(window, total - offset)
+            self.send_window -= n
+            conn.send_window -= n
+            conn.writelines(_h2.data_frames(data, offset, n, self.id, conn.peer_max_frame))
+            offset += n
+        if conn.write_paused:
+            await conn.drain()
+
+
+# -- connection ------------------------------------------------------------------------------
+
+
+class _Connection(asyncio.Protocol):
+    """HTTP/2 framing, settings, flow control, pings and GOAWAY; sides subclass it."""
+
+    client = False
+
+    def __init__(self, keepalive_interval: float, keepalive_timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.preface_seen = self.client  # a server first reads the client's preface
+        self.settings_seen = False
+        self.streams: dict[int, _Stream] = {}
+        self.last_peer_stream = 0  # highest stream id the peer opened (server side)
+        self.local_window = STREAM_WINDOW
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.peer_max_frame = DEFAULT_FRAME
+        self.send_window = DEFAULT_WINDOW  # connection-level, towards the peer
+        self.recv_window = DEFAULT_WINDOW  # connection-level, from the peer
+        self.conn_credit = 0
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self.decoder.max_allowed_table_size = 4096
+        self.header_block: bytearray | None = None  # HEADERS awaiting CONTINUATION
+        self.header_stream = 0
+        self.header_end_stream = False
+        self.closed = False
+        self.goaway_received: int | None = None
+        self.goaway_sent = False
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._window_waiters: list[asyncio.Future[None]] = []
+        self.ready: asyncio.Future[None] = self.loop.create_future()  # peer's SETTINGS seen
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self.close_reason = ""
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.last_read = time.monotonic()
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_deadline: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        hello = [
+            _settings(
+                {
+                    S_ENABLE_PUSH: 0,
+                    S_INITIAL_WINDOW_SIZE: self.local_window,
+                    S_MAX_FRAME_SIZE: RECV_FRAME,
+                    S_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                    **self.extra_settings(),
+                }
+            ),
+            _header(4, WINDOW_UPDATE, 0, 0) + (CONN_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"),
+        ]
+        self.recv_window = CONN_WINDOW
+        if self.client:
+            hello.insert(0, PREFACE)
+        self.transport.writelines(hello)
+        if self.keepalive_interval > 0:
+            self._keepalive = self.loop.call_later(self.keepalive_interval, self._keepalive_tick)
+
+    def extra_settings(self) -> dict[int, int]:
+        return {}
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_read = time.monotonic()
+        buf = self.buf
+        if buf:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
+        try:
+            pos = 0
+            if not self.preface_seen:
+                if len(source) < len(PREFACE):
+                    if not PREFACE.startswith(bytes(source)):
+                        raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+                    if source is data:
+                        buf += data
+                    return
+                if source[: len(PREFACE)] != PREFACE:
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+                self.preface_seen = True
+                pos = len(PREFACE)
+            frames, pos, oversized = _h2.scan_frames(source, pos, RECV_FRAME)
+            if frames:
+                view = memoryview(source)
+                try:
+                    for frame in frames:
+                        if self.closed:
+                            break
+                        self.on_frame(view, *frame)
+                finally:
+                    view.release()
+            if oversized >= 0 and not self.closed:
+                raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {oversized} bytes")
+        except ConnectionError_ as exc:
+            self.abort(exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug: never let it escape into the event loop
+            _log.error("HTTP/2 engine error", exc_info=exc)
+            self.abort(INTERNAL_ERROR, f"internal error: {exc!r}")
+            return
+        if self.closed:
+            return
+        if source is data:
+            if pos < len(data):
+                buf += data[pos:]
+        elif pos:
+            del buf[:pos]
+        if self.conn_credit >= CONN_WINDOW // 4:
+            self._flush_conn_credit()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.close_reason:
+            self.close_reason = "Socket closed" if exc is None else f"Socket closed: {exc}"
+        self.closed = True
+        for timer in (self._keepalive, self._ping_deadline):
+            if timer is not None:
+                timer.cancel()
+        self.resume_writing()
+        self._wake_window()
+        error = StreamError(self.lost_status())
+        for stream in list(self.streams.values()):
+            self.stream_lost(stream, error)
+        self.streams.clear()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(self.close_reason))
+            self.ready.exception()  # retrieved: nobody may be waiting
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def lost_status(self) -> Status:
+        return Status(Code.UNAVAILABLE, self.close_reason or "transport is closing")
+
+    def stream_lost(self, stream: _Stream, error: StreamError) -> None:
+        stream.closed = True
+        stream.fail(error)
+
+    # writing
+
+    def writelines(self, chunks: Sequence[Chunk]) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(chunks)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    async def wait_window(self) -> None:
+        waiter = self.loop.create_future()
+        self._window_waiters.append(waiter)
+        await waiter
+
+    def _wake_window(self) -> None:
+        waiters, self._window_waiters = self._window_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        block = self.encoder.encode(headers)
+        frames = []
+        limit = self.peer_max_frame
+        first, rest = block[:limit], block[limit:]
+        flags = (END_STREAM if end else 0) | (0 if rest else END_HEADERS)
+        frames.append(_header(len(first), HEADERS, flags, stream_id) + first)
+        while rest:
+            piece, rest = rest[:limit], rest[limit:]
+            frames.append(
+                _header(len(piece), CONTINUATION, 0 if rest else END_HEADERS, stream_id) + piece
+            )
+        self.writelines(frames)
+
+    def reset(self, stream: _Stream, code: int) -> None:
+        self.write(_header(4, RST_STREAM, 0, stream.id) + code.to_bytes(4, "big"))
+        self.forget(stream)
+
+    def forget(self, stream: _Stream) -> None:
+        stream.closed = True
+        self.streams.pop(stream.id, None)
+
+    def credit_stream(self, stream: _Stream, amount: int) -> None:
+        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
+        stream.credit += amount
+        if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
+            self.write(_header(4, WINDOW_UPDATE, 0, stream.id) + stream.credit.to_bytes(4, "big"))
+            stream.recv_window += stream.credit
+            stream.credit = 0
+
+    def _flush_conn_credit(self) -> None:
+        credit, self.conn_credit = self.conn_credit, 0
+        self.recv_window += credit
+        self.write(_header(4, WINDOW_UPDATE, 0, 0) + credit.to_bytes(4, "big"))
+
+    def goaway(self, code: int, why: str = "") -> None:
+        if self.goaway_sent or self.closed:
+            return
+        self.goaway_sent = True
+        debug = why.encode("utf-8", "replace")[:256]
+        payload = self.last_peer_stream.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
+        self.write(_header(len(payload), GOAWAY, 0, 0) + payload)
+
+    def abort(self, code: int, why: str) -> None:
+        """A connection error: GOAWAY with ``code`` and close."""
+        _log.debug("HTTP/2 connection error %d: %s", code, why)
+        self.goaway(code, why)
+        self.close(f"protocol error: {why}")
+
+    def close(self, why: str) -> None:
+        if not self.close_reason:
+            self.close_reason = why
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        elif self.transport is None:
+            self.connection_lost(None)
+
+    # keepalive, as Istio's (30 s idle -> PING, 10 s for its ACK)
+
+    def _keepalive_tick(self) -> None:
+        if self.closed:
+            return
+        idle = time.monotonic() - self.last_read
+        if idle >= self.keepalive_interval and self._ping_deadline is None:
+            self.write(_header(8, PING, 0, 0) + b"xdsfast!")
+            self._ping_deadline = self.loop.call_later(self.keepalive_timeout, self._ping_timeout)
+            wait = self.keepalive_interval
+        else:
+            wait = max(self.keepalive_interval - idle, 0.01)
+        self._keepalive = self.loop.call_later(wait, self._keepalive_tick)
+
+    def _ping_timeout(self) -> None:
+        self._ping_deadline = None
+        self.goaway(NO_ERROR, "keepalive ping not answered")
+        self.close("keepalive ping not answered (connection dead)")
+
+    # reading
+
+    def on_frame(
+        self, view: memoryview, ftype: int, flags: int, sid: int, start: int, end: int
+    ) -> None:
+        length = end - start
+        if self.header_block is not None and (ftype != CONTINUATION or sid != self.header_stream):
+            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self.settings_seen and ftype != SETTINGS:
+            raise ConnectionError_(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if ftype == DATA:
+            self.on_data(view, flags, sid, start, end)
+        elif ftype == HEADERS:
+            if sid == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
+            pos, stop = start, end
+            if flags & PADDED:
+                if length < 1:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, "HEADERS too short")
+                pad = view[pos]
+                pos += 1
+                stop -= pad
+            if flags & PRIORITY_FLAG:
+                pos += 5
+            if stop < pos:
+                raise ConnectionError_(PROTOCOL_ERROR, "padding longer than HEADERS")
+            block = bytearray(view[pos:stop])
+            self.header_end_stream = bool(flags & END_STREAM)
+            self.header_stream = sid
+            if flags & END_HEADERS:
+                self._headers_done(sid, block)
+            else:
+                self.header_block = block
+        elif ftype == CONTINUATION:
+            if self.header_block is None or sid != self.header_stream:
+                raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            self.header_block += view[start:end]
+            if len(self.header_block) > MAX_HEADER_BLOCK:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+            if flags & END_HEADERS:
+                block, self.header_block = self.header_block, None
+                self._headers_done(sid, block)
+        elif ftype == SETTINGS:
+            self.on_settings(view, flags, sid, start, end)
+        elif ftype == WINDOW_UPDATE:
+            self.on_window_update(view, sid, start, end)
+        elif ftype == PING:
+            if sid != 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "PING on a stream")
+            if length != 8:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "PING is not 8 bytes")
+            if flags & ACK:
+                if self._ping_deadline is not None:
+                    self._ping_deadline.cancel()
+                    self._ping_deadline = None
+            else:
+                self.write(_header(8, PING, ACK, 0) + bytes(view[start:end]))
+        elif ftype == RST_STREAM:
+            if sid == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            if length != 4:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "RST_STREAM is not 4 bytes")
+            self._check_not_idle(sid, "RST_STREAM")
+            stream = self.streams.get(sid)
+            if stream is not None:
+                self.on_reset(stream, int.from_bytes(view[start:end], "big"))
+        elif ftype == GOAWAY:
+            if sid != 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
+            if length < 8:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "GOAWAY too short")
+            last = int.from_bytes(view[start : start + 4], "big") & 0x7FFFFFFF
+            code = int.from_bytes(view[start + 4 : start + 8], "big")
+            debug = bytes(view[start + 8 : end]).decode("utf-8", "replace")
+            self.on_goaway(last, code, debug)
+        elif ftype == PRIORITY:
+            if sid == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if length != 5:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
+        elif ftype == PUSH_PROMISE:
+            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+        # unknown frame types are ignored (RFC 9113 section 4.1)
+
+    def _check_not_idle(self, sid: int, what: str) -> None:
+        own = (sid % 2 == 1) == self.client
+        if own:
+            if sid > self.last_own_stream():
+                raise ConnectionError_(PROTOCOL_ERROR, f"{what} on an idle stream")
+        elif sid > self.last_peer_stream:
+            raise ConnectionError_(PROTOCOL_ERROR, f"{what} on an idle stream")
+
+    def last_own_stream(self) -> int:
+        return 0
+
+    def on_data(self, view: memoryview, flags: int, sid: int, start: int, end: int) -> None:
+        if sid == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+        flow = end - start
+        self.recv_window -= flow
+        if self.recv_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window exceeded")
+        self.conn_credit += flow
+        if flags & PADDED:
+            if flow < 1 or view[start] >= flow:
+                raise ConnectionError_(PROTOCOL_ERROR, "padding longer than DATA")
+            end -= view[start]
+            start += 1
+        stream = self.streams.get(sid)
+        if stream is None:
+            self._check_not_idle(sid, "DATA")
+            self.write(_header(4, RST_STREAM, 0, sid) + STREAM_CLOSED.to_bytes(4, "big"))
+            return
+        if stream.ended:
+            self.reset(stream, STREAM_CLOSED)
+            self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "DATA after END_STREAM")))
+            return
+        try:
+            stream.on_data(view[start:end], flow)
+        except _StreamReset as exc:
+            self.reset(stream, exc.code)
+            self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "flow control error")))
+            return
+        if flags & END_STREAM:
+            self.on_end_stream(stream)
+
+    def on_end_stream(self, stream: _Stream) -> None:
+        stream.on_end()
+
+    def on_bad_message(self, stream: _Stream, status: Status) -> None:
+        """A message the stream cannot take (too large, compressed)."""
+
+    def on_settings(self, view: memoryview, flags: int, sid: int, start: int, end: int) -> None:
+        if sid != 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+        length = end - start
+        if flags & ACK:
+            if length:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if length % 6:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        for pos in range(start, end, 6):
+            key = int.from_bytes(view[pos : pos + 2], "big")
+            value = int.from_bytes(view[pos + 2 : pos + 6], "big")
+            if key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
+                self._wake_window()
+            elif key == S_MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME <= value <= 16_777_215:
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+                self.peer_max_frame = value
+            elif key == S_ENABLE_PUSH:
+                if value > 1 or (value == 1 and self.client):
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
+            elif key == S_HEADER_TABLE_SIZE:
+                self.encoder.header_table_size = min(value, 4096)
+        self.write(_header(0, SETTINGS, ACK, 0))
+        if not self.settings_seen:
+            self.settings_seen = True
+            if not self.ready.done():
+                self.ready.set_result(None)
+
+    def on_window_update(self, view: memoryview, sid: int, start: int, end: int) -> None:
+        if end - start != 4:
+            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE is not 4 bytes")
+        increment = int.from_bytes(view[start:end], "big") & 0x7FFFFFFF
+        if sid == 0:
+            if increment == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+        else:
+            self._check_not_idle(sid, "WINDOW_UPDATE")
+            stream = self.streams.get(sid)
+            if stream is None:
+                return
+            if increment == 0:
+                self.reset(stream, PROTOCOL_ERROR)
+                self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "WINDOW_UPDATE of 0")))
+                return
+            stream.send_window += increment
+            if stream.send_window > MAX_WINDOW:
+                self.reset(stream, FLOW_CONTROL_ERROR)
+                self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "window overflow")))
+                return
+        self._wake_window()
+
+    def _headers_done(self, sid: int, block: bytearray) -> None:
+        try:
+            headers = self.decoder.decode(bytes(block), raw=True)
+        except hpack.OversizedHeaderListError as exc:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, f"header list too large: {exc}") from None
+        except (hpack.HPACKError, IndexError, ValueError) as exc:
+            raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+        self.on_headers(sid, cast(list[tuple[bytes, bytes]], headers), self.header_end_stream)
+
+    def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        raise NotImplementedError
+
+    def on_reset(self, stream: _Stream, code: int) -> None:
+        raise NotImplementedError
+
+    def on_goaway(self, last: int, code: int, debug: str) -> None:
+        raise NotImplementedError
+
+
+# -- server (Envoy's side) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Istio's downstream server options."""
+
+    max_recv_msg_size: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 100_000
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
+
+
+class _Downstream:
+    """Envoy's side of one stream."""
+
+    __slots__ = ("_stream", "peer")
+
+    def __init__(self, stream: _Stream, peer: str) -> None:
+        self._stream = stream
+        self.peer = peer
+
+    async def recv(self) -> bytes | None:
+        return await self._stream.next_message()
+
+    async def send(self, data: bytes) -> None:
+        stream = self._stream
+        if not stream.sent_headers:
+            stream.sent_headers = True
+            stream.conn.send_headers(
+                stream.id, [(b":status", b"200"), (b"content-type", _CONTENT_TYPE)], False
+            )
+        if stream.error is not None and stream.closed:
+            raise StreamError(Status(Code.UNAVAILABLE, f"send to Envoy failed: {stream.error}"))
+        await stream.write_message(data)
+
+
+class _ServerConnection(_Connection):
+    def __init__(self, server: FastServer) -> None:
+        s = server.settings
+        super().__init__(s.keepalive_interval, s.keepalive_timeout)
+        self.server = server
+        self.peer = "unknown"
+
+    def extra_settings(self) -> dict[int, int]:
+        return {S_MAX_CONCURRENT_STREAMS: min(self.server.settings.max_concurrent_streams, 2**31)}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.connections.add(self)
+        name = transport.get_extra_info("peername")
+        if isinstance(name, tuple) and len(name) >= 2:
+            self.peer = (
+                f"ipv4:{name[0]}:{name[1]}" if ":" not in name[0] else f"ipv6:[{name[0]}]:{name[1]}"
+            )
+        else:
+            self.peer = f"unix:{name or ''}"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+
+    def stream_lost(self, stream: _Stream, error: StreamError) -> None:
+        super().stream_lost(stream, error)
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()  # Envoy went away: the handler is cancelled, as with grpc.aio
+
+    def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        stream = self.streams.get(sid)
+        if stream is not None:  # trailers from Envoy: must end the stream
+            if not end:
+                self.reset(stream, PROTOCOL_ERROR)
+                self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "bad trailers")))
+                return
+            self.on_end_stream(stream)
+            return
+        if sid % 2 == 0 or sid <= self.last_peer_stream:
+            if sid % 2 == 0 or sid > self.last_peer_stream:
+                raise ConnectionError_(PROTOCOL_ERROR, f"bad stream id {sid}")
+            raise ConnectionError_(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+        self.last_peer_stream = sid
+        if self.goaway_sent:
+            self.write(_header(4, RST_STREAM, 0, sid) + REFUSED_STREAM.to_bytes(4, "big"))
+            return
+        if len(self.streams) >= self.server.settings.max_concurrent_streams:
+            self.write(_header(4, RST_STREAM, 0, sid) + REFUSED_STREAM.to_bytes(4, "big"))
+            return
+        fields = dict(headers)
+        method, path = fields.get(b":method"), fields.get(b":path", b"")
+        mode = _PATHS.get(path)
+        if method != b"POST" or mode is None:
+            code = Code.UNIMPLEMENTED if method == b"POST" else Code.INTERNAL
+            why = f"unknown method {path.decode('latin-1')}" if method == b"POST" else "not POST"
+            self._trailers_only(sid, Status(code, why), end)
+            return
+        if fields.get(b"grpc-encoding", b"identity") not in (b"identity", b""):
+            self._trailers_only(sid, Status(Code.UNIMPLEMENTED, "compression unsupported"), end)
+            return
+        stream = _Stream(self, sid, self.server.settings.max_recv_msg_size)
+        self.streams[sid] = stream
+        if end:
+            stream.on_end()
+        stream.task = self.loop.create_task(self._serve(stream, mode))
+
+    def _trailers_only(self, sid: int, status: Status, ended: bool) -> None:
+        self.send_headers(sid, _trailers(status, with_status=True), True)
+        if not ended:
+            self.write(_header(4, RST_STREAM, 0, sid) + NO_ERROR.to_bytes(4, "big"))
+
+    async def _serve(self, stream: _Stream, mode: Mode) -> None:
+        try:
+            status = await self.server.handler(_Downstream(stream, self.peer), mode)
+        except asyncio.CancelledError:
+            if not stream.closed:  # cancelled by us (server stop), not by Envoy
+                self.send_headers(
+                    stream.id,
+                    _trailers(Status(Code.CANCELLED, "server stopping"), not stream.sent_headers),
+                    True,
+                )
+                self._finish(stream)
+            raise
+        except Exception as exc:  # a bug in the handler: INTERNAL, as grpc.aio does
+            _log.error("stream handler failed", exc_info=exc)
+            status = Status(Code.UNKNOWN, f"Unexpected {exc!r}")
+        if stream.closed or self.closed:
+            return
+        self.send_headers(stream.id, _trailers(status, not stream.sent_headers), True)
+        self._finish(stream)
+
+    def _finish(self, stream: _Stream) -> None:
+        """Trailers sent: the stream is done on our side."""
+        if not stream.ended:
+            self.write(_header(4, RST_STREAM, 0, stream.id) + NO_ERROR.to_bytes(4, "big"))
+        self.forget(stream)
+
+    def on_bad_message(self, stream: _Stream, status: Status) -> None:
+        pass  # recv() raises; the relay ends the stream with that status
+
+    def on_reset(self, stream: _Stream, code: int) -> None:
+        self.forget(stream)
+        self.stream_lost(
+            stream, StreamError(Status(Code.CANCELLED, f"RST_STREAM with error code {code}"))
+        )
+
+    def on_goaway(self, last: int, code: int, debug: str) -> None:
+        self.goaway_received = last
+        if code != NO_ERROR:
+            self.close(f"GOAWAY from Envoy ({code}): {debug}")
+
+
+def _trailers(status: Status, with_status: bool) -> list[tuple[bytes, bytes]]:
+    headers = [(b":status", b"200"), (b"content-type", _CONTENT_TYPE)] if with_status else []
+    headers.append((b"grpc-status", str(int(status.code)).encode()))
+    if status.details:
+        headers.append((b"grpc-message", _percent(status.details)))
+    return headers
+
+
+class FastServer:
+    """Serves both ADS methods on a Unix socket and/or a TCP address (h2c)."""
+
+    def __init__(self, handler: StreamHandler, settings: ServerSettings | None = None) -> None:
+        self.handler = handler
+        self.settings = settings or ServerSettings()
+        self.connections: set[_ServerConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_path: str | None = None
+        self.tcp_port: int | None = None
+
+    async def start(self, unix_path: str | None, tcp_address: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if unix_path:
+                prepare_socket_path(unix_path)
+                server = await loop.create_unix_server(lambda: _ServerConnection(self), unix_path)
+                self._servers.append(server)
+                self._unix_path = unix_path
+                os.chmod(unix_path, 0o666)  # Envoy may run as another user (as Istio does)
+            if tcp_address:
+                host, _, port = tcp_address.rpartition(":")
+                host = host.strip("[]") or None  # type: ignore[assignment]
+                try:
+                    server = await loop.create_server(
+                        lambda: _ServerConnection(self), host, int(port), reuse_address=True
+                    )
+                except OSError as exc:
+                    raise OSError(f"cannot listen on {tcp_address} ({exc.strerror})") from None
+                self._servers.append(server)
+                self.tcp_port = int(server.sockets[0].getsockname()[1])
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def stop(self, grace: float | None = None) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        for conn in list(self.connections):
+            conn.goaway(NO_ERROR, "server shutting down")
+        tasks = [
+            s.task for c in self.connections for s in c.streams.values()
+            if s.task is not None and not s.task.done()
+        ]  # fmt: skip
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace or 0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for conn in list(self.connections):
+            conn.close("server stopped")
+        if self._unix_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unix_path)
+            self._unix_path = None
+
+
+# -- dialer (istiod's side) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DialSettings:
+    """How to reach istiod."""
+
+    target: str  # "host:port" or "unix:/path"
+    tls: TlsFiles | None = None  # None: plaintext
+    token_path: str | None = None
+    connect_timeout: float = 5.0
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
+
+
+class _ClientConnection(_Connection):
+    client = True
+
+    def __init__(self, settings: DialSettings) -> None:
+        super().__init__(settings.keepalive_interval, settings.keepalive_timeout)
+        self.stream: _Stream | None = None
+        self.headers_seen = False
+
+    def last_own_stream(self) -> int:
+        return 1 if self.stream is not None else 0
+
+    def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        stream = self.streams.get(sid)
+        if sid % 2 == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "server opened a stream")
+        if stream is None:
+            self._check_not_idle(sid, "HEADERS")
+            return
+        fields = dict(headers)
+        if not self.headers_seen:
+            self.headers_seen = True
+            http = fields.get(b":status", b"")
+            if http != b"200":
+                code = int(http) if http.isdigit() else 0
+                status = Status(_HTTP_TO_GRPC.get(code, Code.UNKNOWN), f"HTTP status {code}")
+                if b"grpc-status" not in fields:
+                    self._end(stream, status)
+                    return
+        if end:
+            self._end(stream, _status_of(fields))
+
+    def _end(self, stream: _Stream, status: Status) -> None:
+        stream.status = status
+        if status.code != Code.OK:
+            stream.fail(StreamError(status))
+        stream.on_end()
+        stream.closed = True
+        self.streams.pop(stream.id, None)
+
+    def on_end_stream(self, stream: _Stream) -> None:  # END_STREAM on DATA: no trailers
+        self._end(stream, Status(Code.INTERNAL, "server closed the stream without trailers"))
+
+    def on_bad_message(self, stream: _Stream, status: Status) -> None:
+        self.reset(stream, CANCEL)
+
+    def on_reset(self, stream: _Stream, code: int) -> None:
+        self.forget(stream)
+        status = Status(_RST_TO_GRPC.get(code, Code.INTERNAL), f"RST_STREAM with error code {code}")
+        self.stream_lost(stream, StreamError(status))
+
+    def on_goaway(self, last: int, code: int, debug: str) -> None:
+        self.goaway_received = last
+        why = f"GOAWAY received (code {code}{': ' + debug if debug else ''})"
+        self.close_reason = why
+        for stream in list(self.streams.values()):
+            if stream.id > last:
+                self.forget(stream)
+                self.stream_lost(stream, StreamError(Status(Code.UNAVAILABLE, why)))
+        if code != NO_ERROR:
+            self.close(why)
+
+
+def _status_of(fields: dict[bytes, bytes]) -> Status:
+    raw = fields.get(b"grpc-status")
+    if raw is None or not raw.isdigit():
+        return Status(Code.UNKNOWN, "missing grpc-status")
+    number = int(raw)
+    code = Code(number) if number in Code._value2member_map_ else Code.UNKNOWN
+    message = unquote(fields.get(b"grpc-message", b"").decode("utf-8", "replace"))
+    return Status(code, message)
+
+
+class _Upstream:
+    """istiod's side of one stream, over its own connection."""
+
+    __slots__ = ("_conn", "_half_closed", "_stream")
+
+    def __init__(self, conn: _ClientConnection, stream: _Stream) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._half_closed = False
+
+    async def half_close(self) -> None:
+        conn, stream = self._conn, self._stream
+        if not self._half_closed and not conn.closed and not stream.closed:
+            self._half_closed = True
+            conn.write(_header(0, DATA, END_STREAM, stream.id))
+
+    async def recv(self) -> bytes | None:
+        stream = self._stream
+        data = await stream.next_message()
+        if data is None and stream.status is None:  # ended without trailers
+            raise StreamError(Status(Code.INTERNAL, "stream ended without trailers"))
+        return data
+
+    async def send(self, data: bytes) -> None:
+        stream = self._stream
+        if stream.closed:
+            if stream.error is not None:
+                raise stream.error
+            raise StreamError(stream.status or self._conn.lost_status())
+        await stream.write_message(data)
+
+    async def close(self) -> None:
+        """Half-close first, so what was sent is read before the stream goes; then cancel.
+
+        A RST_STREAM right behind the last DATA frames would let the server drop
+        requests it has received but not yet read (Envoy's half-close flushes them)."""
+        conn, stream = self._conn, self._stream
+        if not conn.closed and not stream.closed:
+            await self.half_close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stream.finished(), CLOSE_WAIT)
+        if not conn.closed and not stream.closed:
+            conn.reset(stream, CANCEL)
+        conn.close("closed by the relay")
+        if conn.transport is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(conn.lost), 1.0)
+
+
+class FastDialer:
+    """A fresh connection per Envoy stream, as Istio's agent does."""
+
+    def __init__(self, settings: DialSettings) -> None:
+        self._settings = settings
+
+    async def open(self, mode: Mode, metadata: tuple[tuple[str, str], ...]) -> Upstream:
+        s = self._settings
+        token = bearer_token(s.token_path)
+        if token is not None:
+            metadata = (*metadata, ("authorization", f"Bearer {token}"))
+        loop = asyncio.get_running_loop()
+        material = None if s.tls is None else load_tls(s.tls)  # read now: rotations apply
+        context = None if material is None else _ssl_context(material)
+        server_name = None if material is None else material.server_name
+        conn: _ClientConnection | None = None
+
+        def factory() -> _ClientConnection:
+            nonlocal conn
+            conn = _ClientConnection(s)
+            return conn
+
+        async def connect() -> None:
+            if s.target.startswith("unix:"):
+                path = s.target[len("unix:") :].removeprefix("//")
+                await loop.create_unix_connection(
+                    factory, path, ssl=context, server_hostname=server_name if context else None
+                )
+            else:
+                from xdsfast.config import split_host_port
+
+                host, port = split_host_port(s.target)
+                await loop.create_connection(
+                    factory, host, port, ssl=context, server_hostname=server_name
+                )
+            assert conn is not None
+            if context is not None:
+                protocol = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+                if protocol is not None and protocol.selected_alpn_protocol() not in (None, "h2"):
+                    raise DialError("istiod did not agree to HTTP/2 (ALPN)")
+            await conn.ready
+
+        try:
+            await asyncio.wait_for(connect(), s.connect_timeout)
+        except asyncio.TimeoutError:
+            if conn is not None:
+                conn.close("connect timeout")
+            raise DialError(f"timed out connecting to {s.target}") from None
+        except DialError:
+            if conn is not None:
+                conn.close("dial failed")
+            raise
+        except (OSError, ConnectionError, ValueError) as exc:
+            if conn is not None:
+                conn.close("dial failed")
+            raise DialError(f"cannot connect to {s.target}: {_why(exc, conn)}") from None
+        assert conn is not None
+        stream = _Stream(conn, 1, UNLIMITED)
+        conn.stream = stream
+        conn.streams[1] = stream
+        authority = (server_name or s.target).encode()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"https" if context else b"http"),
+            (b":path", f"/{SERVICE}/{mode.value}".encode()),
+            (b":authority", authority),
+            (b"content-type", _CONTENT_TYPE),
+            (b"te", b"trailers"),
+            (b"user-agent", b"xdsfast"),
+            *((k.lower().encode(), v.encode()) for k, v in metadata),
+        ]
+        conn.send_headers(1, headers, False)
+        return _Upstream(conn, stream)
+
+
+def _why(exc: BaseException, conn: _Connection | None) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        text = exc.verify_message or str(exc)
+        if "hostname" in text.lower() or "ip address mismatch" in text.lower():
+            return f"TLS: hostname verification failed: {text} (CERTIFICATE_VERIFY_FAILED)"
+        return f"TLS: CERTIFICATE_VERIFY_FAILED: {text}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, FileNotFoundError):
+        return f"no such socket ({exc.filename or exc})"
+    if isinstance(exc, ConnectionError) and conn is not None:
+        return f"socket closed during the handshake ({conn.close_reason})"
+    return str(exc) or type(exc).__name__
+
+
+def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if tls.root_ca is None:
+        context.load_default_certs()
+    else:
+        try:
+            context.load_verify_locations(cadata=tls.root_ca.decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            raise DialError(f"istiod's root CA cannot be used: {exc.reason or exc}") from None
+    if tls.client_cert and tls.client_key:
+        _load_client_cert(context, tls.client_cert, tls.client_key)
+    return context
+
+
+def _load_client_cert(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """``ssl`` reads certificates only from files: a private temp dir, removed at once."""
+    with tempfile.TemporaryDirectory(prefix="xdsfast-") as directory:
+        paths = []
+        for name, data in (("cert.pem", cert), ("key.pem", key)):
+            path = os.path.join(directory, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            paths.append(path)
+        try:
+            context.load_cert_chain(paths[0], paths[1])
+        except ssl.SSLError as exc:
+            raise DialError(f"the client certificate cannot be used: {exc.reason or exc}") from None
+
+
+__all__ = [
+    "IMPLEMENTATION",
+    "DialSettings",
+    "FastDialer",
+    "FastServer",
+    "ServerSettings",
+]

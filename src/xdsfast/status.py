@@ -1,0 +1,379 @@
+"""The status server on Istio's port 15020: readiness, metrics and two debug dumps.
+
+HTTP/1.1 on plain asyncio streams (uvloop under ``xdsfast run``), no framework.
+The server knows nothing of the relay: it is handed callables and serves what
+they return.
+
+========================  =============================================================
+``GET /healthz/ready``     200 when ready, else 503 with the reason
+``GET /stats/prometheus``  Prometheus text (also ``GET /metrics``)
+``GET /debug/ndsz``        the NameTable as JSON; 404 ``{}`` while there is none
+``GET /debug/xds``         per stream and type: versions, nonces, ACK/NACK, counts
+========================  =============================================================
+
+``/debug/*`` answers loopback clients only (403 for anyone else).  Requests are
+bounded: the head must arrive within ``timeout`` seconds of its first byte and
+fit in ``max_head`` bytes, an idle keep-alive connection is closed after
+``timeout`` seconds, and at most ``max_connections`` are served at once.  A
+broken request gets a 4xx and the connection is closed; a failing callable a
+500; neither ever shows the client a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import orjson
+
+from xdsfast import log
+from xdsfast.config import split_host_port
+from xdsfast.nds_pb2 import NameTable
+
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "StatusServer", "is_loopback", "name_table_json"]
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
+_LENGTH = re.compile(r"[0-9]{1,12}")
+_JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+_MAX_BODY = 64 * 1024  # a GET carries no body; a small one is read and ignored
+
+_log = log.scope("status")
+
+
+class Reply(NamedTuple):
+    """One HTTP response."""
+
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class _Refused(Exception):
+    """The request cannot be served; the reply says why and the connection closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.reply = Reply(status, _TEXT, message.encode() + b"\n")
+
+
+def is_loopback(peer: Any) -> bool:
+    """Whether a socket peer name is 127.0.0.0/8, ::1 or ::ffff:127.x (anything else: no)."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0].partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def name_table_json(table: NameTable | None) -> dict[str, Any] | None:
+    """A NameTable in proto3 JSON form (camelCase, empty fields left out); None if none."""
+    if table is None:
+        return None
+    hosts: dict[str, dict[str, Any]] = {}
+    for host, info in table.table.items():
+        entry: dict[str, Any] = {}
+        if info.ips:
+            entry["ips"] = list(info.ips)
+        if info.registry:
+            entry["registry"] = info.registry
+        if info.shortname:
+            entry["shortname"] = info.shortname
+        if info.namespace:
+            entry["namespace"] = info.namespace
+        if info.alt_hosts:
+            entry["altHosts"] = list(info.alt_hosts)
+        hosts[host] = entry
+    return {"table": hosts}
+
+
+class _Route(NamedTuple):
+    handler: Callable[[], Reply]
+    debug: bool  # loopback clients only
+
+
+class StatusServer:
+    """Serves readiness, metrics and the debug dumps from the callables it is given.
+
+    ``ready()`` returns None when ready, else the reason it is not; ``metrics()``
+    Prometheus text; ``ndsz()`` the NameTable as a JSON-able dict, or None when
+    there is none; ``xds()`` the relay's per-stream state as a JSON-able dict.
+    """
+
+    def __init__(
+        self,
+        *,
+        ready: Callable[[], str | None],
+        metrics: Callable[[], bytes],
+        ndsz: Callable[[], dict[str, Any] | None],
+        xds: Callable[[], dict[str, Any]],
+        timeout: float = 5.0,
+        max_head: int = 8 * 1024,
+        max_connections: int = 64,
+    ) -> None:
+        self._ready = ready
+        self._metrics = metrics
+        self._ndsz = ndsz
+        self._xds = xds
+        self.timeout = timeout
+        self.max_head = max_head
+        self.max_connections = max_connections
+        self._routes = {
+            "/healthz/ready": _Route(self._serve_ready, debug=False),
+            "/stats/prometheus": _Route(self._serve_metrics, debug=False),
+            "/metrics": _Route(self._serve_metrics, debug=False),
+            "/debug/ndsz": _Route(self._serve_ndsz, debug=True),
+            "/debug/xds": _Route(self._serve_xds, debug=True),
+        }
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.address = ""
+
+    @property
+    def port(self) -> int:
+        """The bound port (the kernel's pick when started on port 0)."""
+        if self._server is None:
+            raise RuntimeError("the status server is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, address: str) -> None:
+        """Listen on HOST:PORT (port 0: any free one); raises OSError saying why not."""
+        try:
+            host, port = split_host_port(address)
+        except ValueError:
+            raise OSError(f"status server address {address!r} is not HOST:PORT") from None
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, host, port, limit=self.max_head, reuse_address=True
+            )
+        except OSError as exc:
+            if exc.errno is not None and exc.errno > 0:
+                reason = os.strerror(exc.errno)  # asyncio's own wording repeats the address
+            else:  # a name that does not resolve
+                reason = exc.strerror or str(exc)
+            error = OSError(f"status server cannot listen on {address}: {reason}")
+            error.errno = exc.errno
+            raise error from None
+        shown = f"[{host}]" if ":" in host else host
+        self.address = f"{shown}:{self.port}"
+        _log.info("status server listening", extra=log.fields(status=self.address))
+
+    async def stop(self) -> None:
+        """Stop listening and close every open connection."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 2.0)
+        _log.info("status server stopped")
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            if len(self._connections) > self.max_connections:
+                await self._refuse(reader, writer, _Refused(503, "too many connections"))
+                return
+            local = is_loopback(writer.get_extra_info("peername"))
+            while await self._serve_one(reader, writer, local):
+                pass
+        except _Refused as refused:
+            await self._refuse(reader, writer, refused)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away
+        except Exception:  # a bug here must not take the server down
+            _log.error("status server connection failed", exc_info=True)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve_one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool
+    ) -> bool:
+        """Read and answer one request; return whether the connection stays open."""
+        try:  # idle: a client that sends nothing is closed without a word
+            first = await asyncio.wait_for(reader.read(1), self.timeout)
+        except asyncio.TimeoutError:
+            return False
+        if not first:
+            return False
+        try:
+            rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
+        except asyncio.TimeoutError:
+            raise _Refused(408, "the request head did not arrive in time") from None
+        except asyncio.LimitOverrunError:
+            raise _Refused(431, f"the request head is over {self.max_head} bytes") from None
+        method, path, version, headers = _parse_head(first + rest)
+        keep_alive = _keep_alive(version, headers.get("connection", ""))
+        await self._skip_body(reader, headers)
+        reply = self._dispatch(method, path, local)
+        await self._write(writer, reply, keep_alive=keep_alive, version=version, method=method)
+        return keep_alive
+
+    async def _skip_body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> None:
+        if "transfer-encoding" in headers:
+            raise _Refused(400, "request bodies are not accepted")
+        length = headers.get("content-length", "0")
+        if not _LENGTH.fullmatch(length):
+            raise _Refused(400, "bad Content-Length")
+        if int(length) > _MAX_BODY:
+            raise _Refused(413, "request bodies are not accepted")
+        if int(length):
+            try:
+                await asyncio.wait_for(reader.readexactly(int(length)), self.timeout)
+            except asyncio.TimeoutError:
+                raise _Refused(408, "the request body did not arrive in time") from None
+
+    def _dispatch(self, method: str, path: str, local: bool) -> Reply:
+        route = self._routes.get(path)
+        if route is None:
+            return Reply(404, _TEXT, b"not found: " + path.encode("latin-1", "replace") + b"\n")
+        if route.debug and not local:
+            return Reply(403, _TEXT, b"debug endpoints answer loopback clients only\n")
+        if method not in ("GET", "HEAD"):
+            return Reply(405, _TEXT, b"only GET and HEAD are served\n", (("Allow", "GET, HEAD"),))
+        try:
+            return route.handler()
+        except Exception:
+            _log.error("status endpoint %s failed", path, exc_info=True)
+            return Reply(500, _TEXT, b"internal error (see the agent's log)\n")
+
+    async def _write(
+        self,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        *,
+        keep_alive: bool,
+        version: str = "HTTP/1.1",
+        method: str = "GET",
+    ) -> None:
+        lines = [
+            f"HTTP/1.1 {reply.status} {_REASONS[reply.status]}",
+            f"Content-Type: {reply.content_type}",
+            f"Content-Length: {len(reply.body)}",
+            "Cache-Control: no-store",
+        ]
+        lines += [f"{name}: {value}" for name, value in reply.headers]
+        if not keep_alive:
+            lines.append("Connection: close")
+        elif version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        writer.write(data if method == "HEAD" else data + reply.body)
+        try:  # a client that does not read its answer is not waited for
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+            raise ConnectionError("the client did not read its response") from None
+
+    async def _refuse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refused: _Refused
+    ) -> None:
+        """Answer an error and close, reading what the client still sends for a moment
+        (closing with unread input resets the connection, and the client would never
+        see the answer)."""
+
+        async def drain_input() -> None:
+            budget = 1024 * 1024
+            while budget > 0 and (chunk := await reader.read(64 * 1024)):
+                budget -= len(chunk)
+
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await self._write(writer, refused.reply, keep_alive=False)
+            if writer.can_write_eof():
+                writer.write_eof()
+            await asyncio.wait_for(drain_input(), min(self.timeout, 1.0))
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def _serve_ready(self) -> Reply:
+        reason = self._ready()
+        if reason is None:
+            return Reply(200, _TEXT, b"ready\n")
+        return Reply(503, _TEXT, reason.encode() + b"\n")
+
+    def _serve_metrics(self) -> Reply:
+        return Reply(200, PROMETHEUS_CONTENT_TYPE, self._metrics())
+
+    def _serve_ndsz(self) -> Reply:
+        table = self._ndsz()
+        if table is None:
+            return Reply(404, _JSON, b"{}\n")
+        return Reply(200, _JSON, orjson.dumps(table, option=_JSON_OPTIONS))
+
+    def _serve_xds(self) -> Reply:
+        return Reply(200, _JSON, orjson.dumps(self._xds(), option=_JSON_OPTIONS))
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """(method, path, version, lower-cased headers) of a request head; raises _Refused."""
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise _Refused(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise _Refused(400, "malformed request line")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if _HTTP_VERSION.fullmatch(version):
+            raise _Refused(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        raise _Refused(400, "malformed request line")
+    if target.startswith("/"):
+        path = target.partition("?")[0]
+    elif target.startswith(("http://", "https://")):  # absolute form
+        path = "/" + target.split("/", 3)[3].partition("?")[0] if target.count("/") >= 3 else "/"
+    else:
+        raise _Refused(400, "malformed request target")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\x00"):
+            raise _Refused(400, "malformed header line")
+        key = name.lower()
+        if key in headers and key in ("content-length", "host"):
+            raise _Refused(400, f"repeated {name} header")
+        headers[key] = value.strip(" \t")
+    return method, path, version, headers
+
+
+def _keep_alive(version: str, connection: str) -> bool:
+    tokens = {token.strip().lower() for token in connection.split(",")}
+    if version == "HTTP/1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens
