@@ -12,10 +12,14 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from xdsfast.agent import Agent
+from xdsfast.config import Config
+from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import Backend
 from xdsfast.demo.controlplane import ControlPlane
 
@@ -170,3 +174,43 @@ async def xdsfast_run(short_tmp: Path, engine: str) -> AsyncIterator[XdsfastFact
     for proc in started:
         with contextlib.suppress(Exception):
             await proc.stop()
+
+
+AgentFactory = Callable[..., Awaitable[Agent]]
+
+
+@pytest_asyncio.fixture
+async def make_agent(short_tmp: Path, engine: str) -> AsyncIterator[AgentFactory]:
+    """Start an in-process agent: ``await make_agent(discovery_address=..., ...)``.
+
+    Defaults keep tests apart: plaintext, DNS on a free port, the status server on a
+    free port, a socket in the test's temp dir, the engine under test."""
+    agents: list[Agent] = []
+
+    async def start(**settings: Any) -> Agent:
+        values: dict[str, Any] = {
+            "plaintext": True,
+            "dns_enabled": True,
+            "dns_address": "127.0.0.1:0",
+            "xds_socket": str(short_tmp / f"XDS{len(agents)}"),
+            "status_address": "127.0.0.1:0",
+            "engine": engine,
+        }
+        values.update(settings)
+        agent = Agent(Config(**values))
+        await agent.start()
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        await agent.stop()
+
+
+@pytest_asyncio.fixture
+async def clients() -> AsyncIterator[list[AdsClient]]:
+    """Clients a test opens are closed after it."""
+    opened: list[AdsClient] = []
+    yield opened
+    for client in opened:
+        await client.close()

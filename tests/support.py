@@ -8,7 +8,9 @@ import time
 
 import pytest
 
+from xdsfast.agent import Agent
 from xdsfast.demo import mesh
+from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import DEFAULT_BODY, Backend, http_get
 from xdsfast.demo.controlplane import LISTENER, ROUTE, ControlPlane, Recorded
 from xdsfast.demo.envoy import DEFAULT_NODE_ID, EnvoyProcess
@@ -110,3 +112,17 @@ async def envoy_scenario(
         s.version for s in cp.responses if s.stream_id == ack.stream_id and s.type_url == ROUTE
     ]
     assert route_versions == ["1", str(int(v2) - 1), v2, bad]
+
+
+def socket_of(agent: Agent) -> str:
+    return f"unix:{agent.config.xds_socket}"
+
+
+async def connect(
+    agent: Agent, clients: list[AdsClient], delta: bool, metadata: tuple[tuple[str, str], ...] = ()
+) -> AdsClient:
+    """An Envoy-like ADS client on the agent's socket, closed after the test."""
+    client = AdsClient(socket_of(agent), delta=delta)
+    await client.open(metadata)
+    clients.append(client)
+    return client

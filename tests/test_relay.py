@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
+from conftest import AgentFactory
 from google.protobuf import any_pb2
+from support import connect, socket_of
 
 from xdsfast import xds_pb2
 from xdsfast.agent import Agent
@@ -22,59 +23,10 @@ from xdsfast.engines import SERVICE, Mode
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 
-AgentFactory = Callable[..., Awaitable[Agent]]
-
-
-@pytest_asyncio.fixture
-async def make_agent(short_tmp: Path, engine: str) -> AsyncIterator[AgentFactory]:
-    """Start an in-process agent: ``await make_agent(discovery_address=..., ...)``."""
-    agents: list[Agent] = []
-
-    async def start(**settings: Any) -> Agent:
-        values: dict[str, Any] = {
-            "plaintext": True,
-            "dns_enabled": True,
-            "dns_address": "127.0.0.1:0",  # the DNS proxy on a free port, not 15053
-            "xds_socket": str(short_tmp / f"XDS{len(agents)}"),
-            "status_address": "127.0.0.1:0",
-            "engine": engine,
-        }
-        values.update(settings)
-        agent = Agent(Config(**values))
-        await agent.start()
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        await agent.stop()
-
 
 @pytest_asyncio.fixture
 async def agent(make_agent: AgentFactory, control_plane: ControlPlane) -> Agent:
     return await make_agent(discovery_address=control_plane.address)
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[list[AdsClient]]:
-    """Clients a test opens are closed after it."""
-    opened: list[AdsClient] = []
-    yield opened
-    for client in opened:
-        await client.close()
-
-
-def socket_of(agent: Agent) -> str:
-    return f"unix:{agent.config.xds_socket}"
-
-
-async def connect(
-    agent: Agent, clients: list[AdsClient], delta: bool, metadata: tuple[tuple[str, str], ...] = ()
-) -> AdsClient:
-    client = AdsClient(socket_of(agent), delta=delta)
-    await client.open(metadata)
-    clients.append(client)
-    return client
 
 
 def serve_sample(cp: ControlPlane) -> None:

@@ -16,14 +16,14 @@ from typing import Any
 import orjson
 import pytest
 import pytest_asyncio
-from conftest import XdsfastFactory
+from conftest import AgentFactory, XdsfastFactory
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
+from support import connect
 
 from xdsfast import wire
 from xdsfast.agent import Agent
-from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, Response
 from xdsfast.demo.backend import http_get
@@ -442,46 +442,6 @@ async def test_debug_endpoints_answer_loopback_clients_only(
 
 
 # -- inside the agent: a real relay, control plane and ADS client --------------------------
-
-AgentFactory = Callable[..., Awaitable[Agent]]
-
-
-@pytest_asyncio.fixture
-async def make_agent(short_tmp: Path) -> AsyncIterator[AgentFactory]:
-    agents: list[Agent] = []
-
-    async def start(**settings: Any) -> Agent:
-        values: dict[str, Any] = {
-            "plaintext": True,
-            "dns_enabled": True,
-            "dns_address": "127.0.0.1:0",  # the DNS proxy on a free port, not 15053
-            "xds_socket": str(short_tmp / f"XDS{len(agents)}"),
-            "status_address": "127.0.0.1:0",
-            **settings,
-        }
-        agent = Agent(Config(**values))
-        await agent.start()
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        await agent.stop()
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[list[AdsClient]]:
-    opened: list[AdsClient] = []
-    yield opened
-    for client in opened:
-        await client.close()
-
-
-async def connect(agent: Agent, clients: list[AdsClient], delta: bool) -> AdsClient:
-    client = AdsClient(f"unix:{agent.config.xds_socket}", delta=delta)
-    await client.open()
-    clients.append(client)
-    return client
 
 
 async def get(agent: Agent, path: str) -> tuple[int, bytes]:

@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from conftest import AgentFactory
 from envoy.config.core.v3 import base_pb2, config_source_pb2, extension_pb2, http_uri_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
@@ -29,7 +30,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
-from support import MODES, free_port, needs_envoy
+from support import MODES, connect, free_port, needs_envoy
 from udpa.type.v1 import typed_struct_pb2
 
 from xdsfast.agent import Agent
@@ -652,46 +653,21 @@ def test_a_full_config_round_trips_through_our_protos() -> None:
 
 # ----- through the relay: scripted client and the istiod stand-in ---------------------------
 
-AgentFactory = Callable[..., Awaitable[Agent]]
 
-
-@pytest_asyncio.fixture
-async def make_agent(short_tmp: Path) -> AsyncIterator[AgentFactory]:
-    agents: list[Agent] = []
+@pytest.fixture
+def wasm_agent(make_agent: AgentFactory, short_tmp: Path) -> AgentFactory:
+    """make_agent with a private module cache and one fetch attempt (failures come fast)."""
 
     async def start(**settings: Any) -> Agent:
-        values: dict[str, Any] = {
-            "plaintext": True,
-            "xds_socket": str(short_tmp / f"XDS{len(agents)}"),
-            "status_address": "127.0.0.1:0",
+        defaults: dict[str, Any] = {
+            "dns_enabled": False,
             "grpc_bootstrap": None,
             "wasm_cache_dir": str(short_tmp / "wasm"),
             "wasm_http_max_retries": 1,
         }
-        values.update(settings)
-        agent = Agent(Config(**values))
-        await agent.start()
-        agents.append(agent)
-        return agent
+        return await make_agent(**{**defaults, **settings})
 
-    yield start
-    for agent in agents:
-        await agent.stop()
-
-
-@pytest_asyncio.fixture
-async def clients() -> AsyncIterator[list[AdsClient]]:
-    opened: list[AdsClient] = []
-    yield opened
-    for client in opened:
-        await client.close()
-
-
-async def connect(agent: Agent, clients: list[AdsClient], delta: bool) -> AdsClient:
-    client = AdsClient(f"unix:{agent.config.xds_socket}", delta=delta)
-    await client.open()
-    clients.append(client)
-    return client
+    return start
 
 
 def agent_sample(agent: Agent, name: str, label: str | None = None) -> float | None:
@@ -700,13 +676,13 @@ def agent_sample(agent: Agent, name: str, label: str | None = None) -> float | N
 
 @pytest.mark.parametrize("delta", MODES)
 async def test_relay_rewrites_then_hits_the_cache(
-    make_agent: AgentFactory,
+    wasm_agent: AgentFactory,
     control_plane: ControlPlane,
     clients: list[AdsClient],
     modules: ModuleServer,
     delta: bool,
 ) -> None:
-    agent = await make_agent(discovery_address=control_plane.address)
+    agent = await wasm_agent(discovery_address=control_plane.address)
     client = await connect(agent, clients, delta)
     url = modules.url("/module.wasm")
     env = {"ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1", "ISTIO_META_X": "y", "APP": "z"}
@@ -746,14 +722,14 @@ async def test_relay_rewrites_then_hits_the_cache(
 @pytest.mark.parametrize("delta", MODES)
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
 async def test_relay_sends_the_rbac_fallback(
-    make_agent: AgentFactory,
+    wasm_agent: AgentFactory,
     control_plane: ControlPlane,
     clients: list[AdsClient],
     modules: ModuleServer,
     delta: bool,
     fail_open: bool,
 ) -> None:
-    agent = await make_agent(discovery_address=control_plane.address)
+    agent = await wasm_agent(discovery_address=control_plane.address)
     client = await connect(agent, clients, delta)
     await client.request(ECDS, ["ext"])
     control_plane.set_resources(
@@ -769,12 +745,12 @@ async def test_relay_sends_the_rbac_fallback(
 
 @pytest.mark.parametrize("delta", MODES)
 async def test_relay_nacks_a_config_without_code(
-    make_agent: AgentFactory,
+    wasm_agent: AgentFactory,
     control_plane: ControlPlane,
     clients: list[AdsClient],
     delta: bool,
 ) -> None:
-    agent = await make_agent(discovery_address=control_plane.address)
+    agent = await wasm_agent(discovery_address=control_plane.address)
     client = await connect(agent, clients, delta)
     await client.request(ECDS, ["ext"])
     v1 = control_plane.set_resources(ECDS, {"ext": extension("ext", local="/m.wasm")})
@@ -802,12 +778,12 @@ async def test_relay_nacks_a_config_without_code(
 
 
 async def test_relay_leaves_ecds_alone_when_conversion_is_off(
-    make_agent: AgentFactory,
+    wasm_agent: AgentFactory,
     control_plane: ControlPlane,
     clients: list[AdsClient],
     modules: ModuleServer,
 ) -> None:
-    agent = await make_agent(discovery_address=control_plane.address, wasm_conversion=False)
+    agent = await wasm_agent(discovery_address=control_plane.address, wasm_conversion=False)
     assert agent.wasm is None
     client = await connect(agent, clients, False)
     await client.request(ECDS, ["ext"])
@@ -884,14 +860,14 @@ def ecds_listener(port: int, filter_name: str) -> listener_pb2.Listener:
 @needs_envoy
 @pytest.mark.parametrize("delta", MODES)
 async def test_real_envoy_acks_the_deny_all_fallback(
-    make_agent: AgentFactory,
+    wasm_agent: AgentFactory,
     control_plane: ControlPlane,
     modules: ModuleServer,
     short_tmp: Path,
     delta: bool,
 ) -> None:
     cp = control_plane
-    agent = await make_agent(discovery_address=cp.address)
+    agent = await wasm_agent(discovery_address=cp.address)
     port = free_port()
     cp.set_resources(CLUSTER, {})
     cp.set_resources(LISTENER, {"ecds": ecds_listener(port, "wasm-ext")})

@@ -12,7 +12,7 @@ from xdsfast.bootstrap import grpc_bootstrap, write_grpc_bootstrap
 from xdsfast.config import Config
 from xdsfast.dns.proxy import DnsProxy
 from xdsfast.dns.table import DnsTable
-from xdsfast.engines import Dialer, StreamHandler
+from xdsfast.engines import Dialer, DialSettings, ServerSettings, StreamHandler
 from xdsfast.health import HealthChecker
 from xdsfast.intercept import Interceptor, NameTableInterceptor, ProxyConfigInterceptor
 from xdsfast.metrics import Metrics
@@ -34,37 +34,23 @@ class _Server(Protocol):
 def _engine(config: Config) -> tuple[Dialer, Callable[[StreamHandler], _Server]]:
     """The one place the engine is chosen (``Config.engine``): its dialer and server."""
     c = config
-    if c.engine == "fast":
-        from xdsfast.engines import fast as f
-
-        fast_settings = f.ServerSettings(
-            c.max_recv_msg_size, c.max_concurrent_streams, c.keepalive_interval, c.keepalive_timeout
-        )
-        dialer = f.FastDialer(
-            f.DialSettings(
-                c.discovery_address,
-                c.tls,
-                c.token_path,
-                keepalive_interval=c.keepalive_interval,
-                keepalive_timeout=c.keepalive_timeout,
-            )
-        )
-        return dialer, lambda handler: f.FastServer(handler, fast_settings)
-    from xdsfast.engines import grpcio as g
-
-    settings = g.ServerSettings(
+    server_settings = ServerSettings(
         c.max_recv_msg_size, c.max_concurrent_streams, c.keepalive_interval, c.keepalive_timeout
     )
-    dialer_g = g.GrpcioDialer(
-        g.DialSettings(
-            c.discovery_address,
-            c.tls,
-            c.token_path,
-            keepalive_interval=c.keepalive_interval,
-            keepalive_timeout=c.keepalive_timeout,
-        )
+    dial_settings = DialSettings(
+        c.discovery_address,
+        c.tls,
+        c.token_path,
+        keepalive_interval=c.keepalive_interval,
+        keepalive_timeout=c.keepalive_timeout,
     )
-    return dialer_g, lambda handler: g.GrpcioServer(handler, settings)
+    if c.engine == "fast":  # imported lazily: the other engine's modules stay unloaded
+        from xdsfast.engines import fast
+
+        return fast.FastDialer(dial_settings), lambda h: fast.FastServer(h, server_settings)
+    from xdsfast.engines import grpcio
+
+    return grpcio.GrpcioDialer(dial_settings), lambda h: grpcio.GrpcioServer(h, server_settings)
 
 
 class Agent:

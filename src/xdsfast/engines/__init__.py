@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from xdsfast.config import TlsFiles
+
 
 class Code(enum.IntEnum):
     """gRPC status codes (the numbers are the wire's)."""
@@ -107,3 +109,25 @@ class Dialer(Protocol):
 
 # What a server engine calls for every Envoy stream; its result ends the stream.
 StreamHandler = Callable[[Downstream, Mode], Awaitable[Status]]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Istio's downstream server options, whichever engine serves Envoy."""
+
+    max_recv_msg_size: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 100_000
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DialSettings:
+    """How to reach istiod, whichever engine dials it."""
+
+    target: str  # "host:port" or "unix:/path"
+    tls: TlsFiles | None = None  # None: plaintext
+    token_path: str | None = None
+    connect_timeout: float = 5.0
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 10.0

@@ -22,19 +22,19 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Union, cast
 from urllib.parse import quote, unquote
 
 import hpack
 
 from xdsfast import log
-from xdsfast.config import TlsFiles
 from xdsfast.engines import (
     SERVICE,
     Code,
     DialError,
+    DialSettings,
     Mode,
+    ServerSettings,
     Status,
     StreamError,
     StreamHandler,
@@ -767,16 +767,6 @@ class _Connection(asyncio.Protocol):
 # -- server (Envoy's side) --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    """Istio's downstream server options."""
-
-    max_recv_msg_size: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 100_000
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
-
-
 class _Downstream:
     """Envoy's side of one stream."""
 
@@ -982,18 +972,6 @@ class FastServer:
 
 
 # -- dialer (istiod's side) -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DialSettings:
-    """How to reach istiod."""
-
-    target: str  # "host:port" or "unix:/path"
-    tls: TlsFiles | None = None  # None: plaintext
-    token_path: str | None = None
-    connect_timeout: float = 5.0
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
 
 
 class _ClientConnection(_Connection):

@@ -8,24 +8,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import stat
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from xdsfast.config import TlsFiles
 from xdsfast.engines import (
     SERVICE,
     Code,
     DialError,
+    DialSettings,
     Mode,
+    ServerSettings,
     Status,
     StreamError,
     StreamHandler,
     Upstream,
 )
+from xdsfast.engines._sockets import prepare_socket_path
 from xdsfast.upstream import bearer_token, load_tls
 
 _TO_GRPC = {code.value[0]: code for code in grpc.StatusCode}
@@ -34,16 +34,6 @@ _TO_GRPC = {code.value[0]: code for code in grpc.StatusCode}
 def _status(error: aio.AioRpcError) -> Status:
     code = error.code()
     return Status(Code(code.value[0]), error.details() or "")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Istio's downstream server options."""
-
-    max_recv_msg_size: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 100_000
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
 
 
 class _Downstream:
@@ -117,7 +107,7 @@ class GrpcioServer:
         )
         server = aio.server(handlers=[handlers], options=options)
         if unix_path:
-            _prepare_socket_path(unix_path)
+            prepare_socket_path(unix_path)
             _listen(server, f"unix:{unix_path}")
             self._unix_path = unix_path
         if tcp_address:
@@ -142,33 +132,6 @@ def _listen(server: aio.Server, address: str) -> int:
         return int(server.add_insecure_port(address))
     except RuntimeError:  # gRPC says no more than "failed to bind"
         raise OSError(f"cannot listen on {address} (in use, or not allowed)") from None
-
-
-def _prepare_socket_path(path: str) -> None:
-    """Create the parent directory and remove a stale socket, as Istio's agent does."""
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, mode=0o750, exist_ok=True)
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise OSError(f"cannot use {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    os.unlink(path)
-
-
-@dataclass(frozen=True)
-class DialSettings:
-    """How to reach istiod."""
-
-    target: str  # "host:port" or "unix:/path"
-    tls: TlsFiles | None = None  # None: plaintext
-    token_path: str | None = None
-    connect_timeout: float = 5.0
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
 
 
 class _Upstream:
