@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 import psutil
@@ -85,8 +84,8 @@ def unknown_queries(n: int = 256) -> list[bytes]:
 # -- peer processes ---------------------------------------------------------------------------
 
 
-def _serve_dns(conn: Connection, upstream_port: int) -> None:
-    """The DNS server, alone in this process, until told to stop."""
+def _serve_dns(upstream_port: int) -> None:
+    """The DNS server, alone in this process: prints its port, serves until stdin closes."""
 
     async def run() -> None:
         table = DnsTable(RULES)
@@ -96,19 +95,19 @@ def _serve_dns(conn: Connection, upstream_port: int) -> None:
         forwarder = Forwarder([("127.0.0.1", upstream_port)], metrics, timeout=2.0)
         server = DnsServer(Handler(table, metrics), forwarder)
         await server.start(["127.0.0.1"], 0)
-        conn.send(server.port)
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        print(server.port, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await server.stop()
         table.close()
 
     uvloop.run(run())
 
 
-def _serve_upstream(conn: Connection) -> None:
+def _serve_upstream() -> None:
     """A minimal resolver: every query gets one A record, straight from a plain socket."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    conn.send(sock.getsockname()[1])
+    print(sock.getsockname()[1], flush=True)
     record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 1])
     while True:
         data, addr = sock.recvfrom(65535)
@@ -118,30 +117,44 @@ def _serve_upstream(conn: Connection) -> None:
         sock.sendto(reply + record, addr)
 
 
+def _spawn(*role: str) -> tuple[subprocess.Popen[str], int]:
+    """This file run as a peer (``--serve-dns PORT`` or ``--serve-upstream``), and its port."""
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *role],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise RuntimeError(f"peer {role} did not start")
+    return proc, int(line)
+
+
 @contextmanager
 def peers() -> Iterator[tuple[int, int, psutil.Process]]:
     """(DNS server port, upstream port, the server's process)."""
-    ctx = multiprocessing.get_context("spawn")
-    up_parent, up_child = ctx.Pipe()
-    upstream = ctx.Process(target=_serve_upstream, args=(up_child,), daemon=True)
-    upstream.start()
-    upstream_port: int = up_parent.recv()
-    dns_parent, dns_child = ctx.Pipe()
-    server = ctx.Process(target=_serve_dns, args=(dns_child, upstream_port), daemon=True)
-    server.start()
+    upstream, upstream_port = _spawn("--serve-upstream")
+    server: subprocess.Popen[str] | None = None
     try:
-        port: int = dns_parent.recv()
-        assert server.pid is not None
+        server, port = _spawn("--serve-dns", str(upstream_port))
         yield port, upstream_port, psutil.Process(server.pid)
     finally:
-        dns_parent.send("stop")
-        server.join(10)
+        if server is not None:
+            assert server.stdin is not None
+            server.stdin.close()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"stop", ("127.0.0.1", upstream_port))
-        upstream.join(10)
         for proc in (server, upstream):
-            if proc.is_alive():
+            if proc is None:
+                continue
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 # -- client measurements ------------------------------------------------------------------------
@@ -321,7 +334,15 @@ class Loopback:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20000, help="latency samples (hits)")
+    parser.add_argument("--serve-dns", type=int, metavar="UPSTREAM_PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_dns:
+        _serve_dns(args.serve_dns)
+        return
+    if args.serve_upstream:
+        _serve_upstream()
+        return
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     r: dict[str, Any] = loopback(args.count)
     print(f"\nlocal hit over UDP loopback ({args.count} queries one at a time, 1k-host table):")

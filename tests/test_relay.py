@@ -33,6 +33,18 @@ def serve_sample(cp: ControlPlane) -> None:
     cp.set_mesh(mesh.sample_mesh(listener_port=15001, backend_port=8080))
 
 
+async def with_name_table(
+    agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
+) -> AdsClient:
+    """A stream past its first LDS request, with the first NameTable applied."""
+    serve_sample(control_plane)
+    control_plane.set_name_table(mesh.sample_name_table())
+    client = await connect(agent, clients, delta)
+    await listen(client)
+    await agent.dns_table.wait_updates(1)
+    return client
+
+
 async def listen(client: AdsClient) -> None:
     """Envoy's first LDS request, and the response to it."""
     await client.request(LISTENER)
@@ -102,11 +114,7 @@ async def test_name_table_pushes_are_applied_acked_and_never_forwarded(
 async def test_undecodable_name_table_is_nacked(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    control_plane.set_name_table(mesh.sample_name_table())
-    client = await connect(agent, clients, delta)
-    await listen(client)
-    await agent.dns_table.wait_updates(1)
+    await with_name_table(agent, control_plane, clients, delta)
 
     bad = any_pb2.Any(type_url=NAME_TABLE, value=b"\x0a\x05ab")  # a truncated map entry
     (nonce,) = control_plane.push_raw(NAME_TABLE, [bad], version="bad-1")
@@ -122,11 +130,7 @@ async def test_undecodable_name_table_is_nacked(
 async def test_empty_name_table_is_neither_applied_nor_acked(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    control_plane.set_name_table(mesh.sample_name_table())
-    client = await connect(agent, clients, delta)
-    await listen(client)
-    await agent.dns_table.wait_updates(1)
+    await with_name_table(agent, control_plane, clients, delta)
 
     (empty,) = control_plane.push_empty(NAME_TABLE)
     changed = mesh.sample_name_table()

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from conftest import XdsfastFactory
+from conftest import AgentFactory, XdsfastFactory
 from pki import Authority
 
 from xdsfast.agent import Agent
@@ -84,25 +84,14 @@ async def tls_control_plane(mesh: Mesh) -> AsyncIterator[CpFactory]:
         await cp.stop()
 
 
-@pytest_asyncio.fixture
-async def agents(short_tmp: Path, engine: str) -> AsyncIterator[Callable[..., Awaitable[Agent]]]:
-    started: list[Agent] = []
+@pytest.fixture
+def agents(make_agent: AgentFactory) -> AgentFactory:
+    """In-process agents over TLS (``tls=`` given per test), DNS off."""
 
     async def start(**settings: Any) -> Agent:
-        values: dict[str, Any] = {
-            "xds_socket": str(short_tmp / f"X{len(started)}"),
-            "status_address": "127.0.0.1:0",
-            "engine": engine,
-        }
-        values.update(settings)
-        agent = Agent(Config(**values))
-        await agent.start()
-        started.append(agent)
-        return agent
+        return await make_agent(**{"dns_enabled": False, "plaintext": False, **settings})
 
-    yield start
-    for agent in started:
-        await agent.stop()
+    return start
 
 
 async def one_stream(agent: Agent) -> grpc.StatusCode | None:
@@ -122,7 +111,7 @@ async def one_stream(agent: Agent) -> grpc.StatusCode | None:
 
 
 async def test_mtls_and_token_reach_istiod(
-    mesh: Mesh, tls_control_plane: CpFactory, agents: Callable[..., Awaitable[Agent]]
+    mesh: Mesh, tls_control_plane: CpFactory, agents: AgentFactory
 ) -> None:
     cp = await tls_control_plane()
     cp.set_resources(CLUSTER, {})
@@ -148,7 +137,7 @@ FAILURES = {
 async def test_tls_failures_end_envoys_stream_are_counted_and_explained(
     mesh: Mesh,
     tls_control_plane: CpFactory,
-    agents: Callable[..., Awaitable[Agent]],
+    agents: AgentFactory,
     caplog: pytest.LogCaptureFixture,
     tls: dict[str, Any],
     server: dict[str, Any],
@@ -175,7 +164,7 @@ async def test_tls_failures_end_envoys_stream_are_counted_and_explained(
 
 
 async def test_a_replaced_root_ca_applies_to_the_next_connection(
-    mesh: Mesh, tls_control_plane: CpFactory, agents: Callable[..., Awaitable[Agent]]
+    mesh: Mesh, tls_control_plane: CpFactory, agents: AgentFactory
 ) -> None:
     cp = await tls_control_plane()
     cp.set_resources(CLUSTER, {})
@@ -188,7 +177,7 @@ async def test_a_replaced_root_ca_applies_to_the_next_connection(
 
 
 async def test_a_missing_token_sends_no_header(
-    mesh: Mesh, tls_control_plane: CpFactory, agents: Callable[..., Awaitable[Agent]]
+    mesh: Mesh, tls_control_plane: CpFactory, agents: AgentFactory
 ) -> None:
     cp = await tls_control_plane()
     agent = await agents(
