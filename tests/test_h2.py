@@ -53,13 +53,46 @@ def test_scan_frames_stops_at_incomplete_and_oversized(h2: ModuleType) -> None:
     assert frames == [] and pos == 0 and oversized == 50
 
 
+def grpc_frame(body: bytes, flag: int = 0) -> bytes:
+    return bytes((flag,)) + struct.pack(">I", len(body)) + body
+
+
 @impl_params
-def test_take_messages(h2: ModuleType) -> None:
-    buf = b"\0\0\0\0\3abc" + b"\0\0\0\0\0" + b"\0\0\0\0\5ab"
-    assert h2.take_messages(buf, 100) == ([b"abc", b""], 13, 0, 5)
-    assert h2.take_messages(b"\1\0\0\0\1x", 100) == ([], 0, 1, -1)
-    assert h2.take_messages(b"\0\0\0\1\0", 255) == ([], 0, 2, 256)
-    assert h2.take_messages(b"\0\0", 10) == ([], 0, 0, -1)
+def test_assembler_cuts_messages_and_stops_at_bad_prefixes(h2: ModuleType) -> None:
+    a = h2.Assembler(100)
+    wire = grpc_frame(b"abc") + grpc_frame(b"") + grpc_frame(b"ab")
+    assert a.feed(b"xx" + wire + b"yy", 2, 2 + len(wire) - 1) == [b"abc", b""]
+    assert a.pending
+    assert a.feed(wire, len(wire) - 1, len(wire)) == [b"ab"] and not a.pending
+    assert a.feed(b"", 0, 0) is None
+    compressed = h2.Assembler(100)
+    assert compressed.feed(grpc_frame(b"x", flag=1), 0, 6) is None and compressed.error == 1
+    big = h2.Assembler(255)
+    assert big.feed(b"\0\0\0\1", 0, 4) is None and big.pending and not big.error
+    assert big.feed(b"\0", 0, 1) is None and big.error == 2 and big.error_length == 256
+    assert big.feed(grpc_frame(b""), 0, 5) is None  # fed no more after an error
+
+
+@impl_params
+@given(
+    bodies=st.lists(st.binary(max_size=3000), max_size=6),
+    cuts=st.lists(st.integers(1, 4000), max_size=12),
+    kind=st.sampled_from([bytes, bytearray, memoryview]),
+)
+@settings(max_examples=200, deadline=None)
+def test_assembler_gets_the_same_messages_however_the_payload_is_cut(
+    h2: ModuleType, bodies: list[bytes], cuts: list[int], kind: type
+) -> None:
+    wire = b"".join(grpc_frame(b) for b in bodies)
+    assembler = h2.Assembler(1 << 20)
+    got: list[bytes] = []
+    pos = 0
+    for cut in [*cuts, len(wire)]:
+        stop = min(pos + cut, len(wire))
+        framed = b"pad" + wire[pos:stop] + b"dap"  # feed reads only buf[start:end]
+        got.extend(assembler.feed(kind(framed), 3, 3 + stop - pos) or [])
+        pos = stop
+    assert got == bodies and not assembler.pending and not assembler.error
 
 
 def reassemble(chunks: list[bytes | memoryview], max_frame: int, sid: int) -> bytes:
@@ -96,7 +129,13 @@ def test_data_frames_carry_the_message_in_pieces(
 def test_twins_agree_on_any_bytes(data: bytes, pos: int, max_size: int) -> None:
     for h2 in IMPLS[1:]:
         assert h2.scan_frames(data, pos, max_size) == _h2_py.scan_frames(data, pos, max_size)
-        assert h2.take_messages(data, max_size) == _h2_py.take_messages(data, max_size)
+        ours, twin = h2.Assembler(max_size), _h2_py.Assembler(max_size)
+        assert ours.feed(data, pos, len(data)) == twin.feed(data, pos, len(data))
+        assert (ours.pending, ours.error, ours.error_length) == (
+            twin.pending,
+            twin.error,
+            twin.error_length,
+        )
         assert h2.scan_frames(bytearray(data), pos, max_size) == _h2_py.scan_frames(
             data, pos, max_size
         )

@@ -6,11 +6,13 @@ the end of the buffer explicitly, which is why Cython's bounds checks are off.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
 
 DEF_SMALL = 4096  # messages up to this size go out as one chunk (header + payload)
+PREALLOC_MAX = 64 << 20  # a message's buffer is allocated whole at its prefix up to this size
 
 
 cdef inline void _put_header(uint8_t* out, Py_ssize_t length, int ftype, int flags,
@@ -64,38 +66,6 @@ def scan_frames(buf, Py_ssize_t pos, Py_ssize_t max_size):
     finally:
         PyBuffer_Release(&view)
     return frames, pos, -1
-
-
-def take_messages(buf, Py_ssize_t max_len):
-    """The complete gRPC messages at the start of ``buf`` (5-byte prefix each).
-
-    Returns ``(messages, consumed, error, length)``: ``error`` is 0, 1 (compressed
-    flag set) or 2 (a message longer than ``max_len``, whose length is ``length``);
-    scanning stops at the first error.  ``length`` is otherwise the declared length
-    of the incomplete message that follows, or -1 when fewer than 5 bytes are left.
-    """
-    cdef Py_buffer view
-    cdef const uint8_t* p
-    cdef Py_ssize_t end, pos = 0, length
-    messages = []
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        p = <const uint8_t*>view.buf
-        end = view.len
-        while end - pos >= 5:
-            if p[pos] != 0:
-                return messages, pos, 1, -1
-            length = (<Py_ssize_t>p[pos + 1] << 24) | (<Py_ssize_t>p[pos + 2] << 16) \
-                | (<Py_ssize_t>p[pos + 3] << 8) | p[pos + 4]
-            if length > max_len:
-                return messages, pos, 2, length
-            if end - pos - 5 < length:
-                return messages, pos, 0, length
-            messages.append(PyBytes_FromStringAndSize(<const char*>p + pos + 5, length))
-            pos += 5 + length
-    finally:
-        PyBuffer_Release(&view)
-    return messages, pos, 0, -1
 
 
 def data_frames(bytes data, Py_ssize_t offset, Py_ssize_t count, uint32_t stream_id,
@@ -162,3 +132,135 @@ cdef inline void _prefix(uint8_t* out, Py_ssize_t offset, Py_ssize_t head, Py_ss
     prefix[4] = size & 0xFF
     for i in range(head):
         out[i] = prefix[offset + i]
+
+
+cdef class Assembler:
+    """Cuts one stream's gRPC messages out of its DATA payloads, as they arrive.
+
+    ``feed(buf, start, end)`` takes ``buf[start:end]`` (any part of any frame) and
+    returns the messages it completed, or None.  A message whose prefix has been seen
+    is copied once, straight into the ``bytes`` object that is handed out (allocated
+    whole from the prefix's length; above ``PREALLOC_MAX`` it grows as bytes arrive
+    and is copied once more at the end).  A message that lies whole inside ``buf`` is
+    cut out with one copy too.  On a bad prefix, ``error`` becomes 1 (compressed) or 2
+    (longer than ``max_len``; its length in ``error_length``) and feeding stops.
+    """
+
+    cdef readonly Py_ssize_t max_len
+    cdef public int error
+    cdef public Py_ssize_t error_length
+    cdef uint8_t head[5]
+    cdef Py_ssize_t head_len  # prefix bytes seen of the current message
+    cdef object msg  # bytes being filled, or bytearray (huge), or None
+    cdef Py_ssize_t msg_len, msg_pos
+
+    def __init__(self, Py_ssize_t max_len):
+        self.max_len = max_len
+        self.error = 0
+        self.error_length = -1
+        self.head_len = 0
+        self.msg = None
+
+    @property
+    def pending(self):
+        """Inside a message (its prefix started, its last byte not yet seen)."""
+        return self.head_len > 0
+
+    cdef int _begin(self, const uint8_t* h) except -1:
+        cdef Py_ssize_t length
+        if h[0] != 0:
+            self.error = 1
+            return 0
+        length = (<Py_ssize_t>h[1] << 24) | (<Py_ssize_t>h[2] << 16) \
+            | (<Py_ssize_t>h[3] << 8) | h[4]
+        if length > self.max_len:
+            self.error = 2
+            self.error_length = length
+            return 0
+        self.msg_len = length
+        self.msg_pos = 0
+        if length <= PREALLOC_MAX:
+            self.msg = PyBytes_FromStringAndSize(NULL, length)
+        else:
+            self.msg = bytearray()
+        return 1
+
+    def feed(self, buf, Py_ssize_t start, Py_ssize_t end):
+        cdef Py_buffer view
+        cdef const uint8_t* p
+        cdef Py_ssize_t length, take
+        cdef list out = None
+        cdef object msg
+        if self.error:
+            return None
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            p = <const uint8_t*>view.buf
+            if end > view.len:
+                end = view.len
+            if start < 0:
+                start = 0
+            while start < end:
+                if self.head_len == 0:
+                    if end - start >= 5:
+                        if p[start] == 0:
+                            length = (<Py_ssize_t>p[start + 1] << 24) \
+                                | (<Py_ssize_t>p[start + 2] << 16) \
+                                | (<Py_ssize_t>p[start + 3] << 8) | p[start + 4]
+                            if length <= self.max_len and end - start - 5 >= length:
+                                # the whole message is here: one copy
+                                if out is None:
+                                    out = []
+                                out.append(PyBytes_FromStringAndSize(
+                                    <const char*>p + start + 5, length))
+                                start += 5 + length
+                                continue
+                        memcpy(self.head, p + start, 5)
+                        self.head_len = 5
+                        start += 5
+                    else:
+                        take = end - start
+                        memcpy(self.head, p + start, take)
+                        self.head_len = take
+                        start = end
+                        break
+                    if not self._begin(self.head):
+                        self.head_len = 0
+                        break
+                elif self.head_len < 5:
+                    take = 5 - self.head_len
+                    if take > end - start:
+                        take = end - start
+                    memcpy(self.head + self.head_len, p + start, take)
+                    self.head_len += take
+                    start += take
+                    if self.head_len < 5:
+                        break
+                    if not self._begin(self.head):
+                        self.head_len = 0
+                        break
+                else:
+                    take = self.msg_len - self.msg_pos
+                    if take > end - start:
+                        take = end - start
+                    if take:
+                        if type(self.msg) is bytes:
+                            memcpy(PyBytes_AS_STRING(self.msg) + self.msg_pos, p + start, take)
+                        else:
+                            PyByteArray_Resize(self.msg, self.msg_pos + take)
+                            memcpy(PyByteArray_AS_STRING(self.msg) + self.msg_pos, p + start,
+                                   take)
+                        self.msg_pos += take
+                        start += take
+                if self.head_len == 5 and self.msg_pos == self.msg_len:
+                    msg = self.msg
+                    if type(msg) is not bytes:
+                        msg = bytes(msg)
+                    if out is None:
+                        out = []
+                    out.append(msg)
+                    self.msg = None
+                    self.head_len = 0
+        finally:
+            PyBuffer_Release(&view)
+        return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Union
 
 _SMALL = 4096
+PREALLOC_MAX = 64 << 20
 
 Buffer = Union[bytes, bytearray, memoryview]
 Frame = tuple[int, int, int, int, int]
@@ -44,24 +45,6 @@ def scan_frames(buf: Buffer, pos: int, max_size: int) -> tuple[list[Frame], int,
     return frames, pos, -1
 
 
-def take_messages(buf: Buffer, max_len: int) -> tuple[list[bytes], int, int, int]:
-    """The complete gRPC messages at the start of ``buf`` (see ``_h2.pyx``)."""
-    messages: list[bytes] = []
-    end = len(buf)
-    pos = 0
-    while end - pos >= 5:
-        if buf[pos] != 0:
-            return messages, pos, 1, -1
-        length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
-        if length > max_len:
-            return messages, pos, 2, length
-        if end - pos - 5 < length:
-            return messages, pos, 0, length
-        messages.append(bytes(buf[pos + 5 : pos + 5 + length]))
-        pos += 5 + length
-    return messages, pos, 0, -1
-
-
 def data_frames(
     data: bytes, offset: int, count: int, stream_id: int, max_frame: int
 ) -> list[bytes | memoryview]:
@@ -90,3 +73,71 @@ def data_frames(
         offset += n
         count -= n
     return chunks
+
+
+class Assembler:
+    """Cuts one stream's gRPC messages out of its DATA payloads (see ``_h2.pyx``)."""
+
+    __slots__ = ("_head", "_msg", "_need", "error", "error_length", "max_len")
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.error = 0
+        self.error_length = -1
+        self._head = bytearray()  # prefix bytes seen of the current message
+        self._msg: bytearray | None = None
+        self._need = 0  # body bytes still to come
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._head)
+
+    def _begin(self) -> bool:
+        head = self._head
+        if head[0] != 0:
+            self.error = 1
+            return False
+        length = int.from_bytes(head[1:5], "big")
+        if length > self.max_len:
+            self.error, self.error_length = 2, length
+            return False
+        self._msg, self._need = bytearray(), length
+        return True
+
+    def feed(self, buf: Buffer, start: int, end: int) -> list[bytes] | None:
+        if self.error:
+            return None
+        out: list[bytes] | None = None
+        start, end = max(start, 0), min(end, len(buf))
+        head = self._head
+        while start < end:
+            if len(head) < 5:
+                if not head and end - start >= 5 and buf[start] == 0:
+                    length = int.from_bytes(buf[start + 1 : start + 5], "big")
+                    if length <= self.max_len and end - start - 5 >= length:
+                        if out is None:
+                            out = []
+                        out.append(bytes(buf[start + 5 : start + 5 + length]))
+                        start += 5 + length
+                        continue
+                take = min(5 - len(head), end - start)
+                head += buf[start : start + take]
+                start += take
+                if len(head) < 5:
+                    break
+                if not self._begin():
+                    head.clear()
+                    break
+            else:
+                take = min(self._need, end - start)
+                assert self._msg is not None
+                self._msg += buf[start : start + take]
+                self._need -= take
+                start += take
+            if len(head) == 5 and not self._need:
+                if out is None:
+                    out = []
+                out.append(bytes(self._msg or b""))
+                self._msg = None
+                head.clear()
+        return out

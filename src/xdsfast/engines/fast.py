@@ -108,14 +108,6 @@ class ConnectionError_(Exception):
         self.code = code
 
 
-class _StreamReset(Exception):
-    """A stream-level protocol error: RST_STREAM with ``code``."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
-
-
 def _header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
     return _h2.frame_header(length, ftype, flags, stream_id)
 
@@ -137,6 +129,7 @@ class _Stream:
 
     __slots__ = (
         "_waiter",
+        "assembler",
         "closed",
         "conn",
         "credit",
@@ -144,9 +137,7 @@ class _Stream:
         "error",
         "held",
         "id",
-        "max_recv",
         "messages",
-        "rbuf",
         "recv_window",
         "send_window",
         "sent_headers",
@@ -157,8 +148,7 @@ class _Stream:
     def __init__(self, conn: _Connection, stream_id: int, max_recv: int) -> None:
         self.conn = conn
         self.id = stream_id
-        self.max_recv = max_recv
-        self.rbuf = bytearray()  # a gRPC message being reassembled
+        self.assembler = _h2.Assembler(max_recv)  # cuts gRPC messages out of DATA payloads
         self.messages: deque[bytes] = deque()  # complete, not yet taken by recv()
         self.held = 0  # received bytes not yet credited back to the peer
         self.credit = 0  # bytes the relay has consumed, to credit in a batch
@@ -174,32 +164,18 @@ class _Stream:
 
     # receiving
 
-    def on_data(self, payload: memoryview, flow: int) -> None:
-        """``flow`` counts the whole frame (padding too) for flow control."""
-        self.recv_window -= flow
-        if self.recv_window < 0:
-            raise _StreamReset(FLOW_CONTROL_ERROR)
-        if self.error is not None or self.closed:  # not wanted any more: credit at once
-            self.conn.credit_stream(self, flow)
+    def on_payload(self, buf: bytes | bytearray | memoryview, start: int, end: int) -> None:
+        """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
+        if self.error is not None or self.closed:
             return
-        rbuf = self.rbuf
-        self.held += flow
-        if rbuf:
-            rbuf += payload
-            messages, consumed, error, length = _h2.take_messages(rbuf, self.max_recv)
-            if consumed:
-                del rbuf[:consumed]
-        else:  # whole messages straight from the frame, no reassembly copy
-            messages, consumed, error, length = _h2.take_messages(payload, self.max_recv)
-            if not error and consumed < len(payload):
-                rbuf += payload[consumed:]
-        if error:
-            self._bad_message(error, length)
-            return
+        assembler = self.assembler
+        messages = assembler.feed(buf, start, end)
         if messages:
             self.messages.extend(messages)
             self._wake()
-        elif not self.messages:
+        if assembler.error:
+            self._bad_message(assembler.error, assembler.error_length)
+        elif not messages and not self.messages:
             # A message is being reassembled and nothing waits to be taken: let it come.
             self._release()
 
@@ -209,9 +185,8 @@ class _Stream:
         else:
             status = Status(
                 Code.RESOURCE_EXHAUSTED,
-                f"Received message larger than max ({length} vs. {self.max_recv})",
+                f"Received message larger than max ({length} vs. {self.assembler.max_len})",
             )
-        self.rbuf = bytearray()
         self.fail(StreamError(status))
         self.conn.on_bad_message(self, status)
 
@@ -223,7 +198,7 @@ class _Stream:
 
     def on_end(self) -> None:
         self.ended = True
-        if self.rbuf and self.error is None:
+        if self.assembler.pending and self.error is None:
             self.error = StreamError(Status(Code.INTERNAL, "stream ended inside a message"))
         self._wake()
 
@@ -268,6 +243,19 @@ class _Stream:
     async def write_message(self, data: bytes) -> None:
         conn = self.conn
         total = len(data) + 5
+        if (
+            total <= self.send_window
+            and total <= conn.send_window
+            and total <= conn.peer_max_frame
+            and not self.closed
+            and not conn.closed
+        ):  # the common case: one frame, the windows open
+            self.send_window -= total
+            conn.send_window -= total
+            conn.transport.writelines(_h2.data_frames(data, 0, total, self.id, total))  # type: ignore[union-attr]
+            if conn.write_paused:
+                await conn.drain()
+            return
         offset = 0
         while offset < total:
             if self.closed or conn.closed:
@@ -296,7 +284,11 @@ class _Connection(asyncio.Protocol):
     def __init__(self, keepalive_interval: float, keepalive_timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.buf = bytearray()  # a frame cut by the end of a read (at most one frame)
+        self.data_left = 0  # payload bytes of the DATA frame being received still to come
+        self.data_stream: _Stream | None = None  # its stream (None: unknown or reset)
+        self.data_feed = False  # its payload goes to the stream (else: dropped)
+        self.data_end_stream = False  # it carries END_STREAM
         self.preface_seen = self.client  # a server first reads the client's preface
         self.settings_seen = False
         self.streams: dict[int, _Stream] = {}
@@ -358,37 +350,11 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.last_read = time.monotonic()
-        buf = self.buf
-        if buf:
-            buf += data
-            source: bytes | bytearray = buf
-        else:
-            source = data
         try:
-            pos = 0
-            if not self.preface_seen:
-                if len(source) < len(PREFACE):
-                    if not PREFACE.startswith(bytes(source)):
-                        raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
-                    if source is data:
-                        buf += data
-                    return
-                if source[: len(PREFACE)] != PREFACE:
-                    raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
-                self.preface_seen = True
-                pos = len(PREFACE)
-            frames, pos, oversized = _h2.scan_frames(source, pos, RECV_FRAME)
-            if frames:
-                view = memoryview(source)
-                try:
-                    for frame in frames:
-                        if self.closed:
-                            break
-                        self.on_frame(view, *frame)
-                finally:
-                    view.release()
-            if oversized >= 0 and not self.closed:
-                raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {oversized} bytes")
+            if self.preface_seen:
+                self._receive(data)
+            else:
+                self._receive_preface(data)
         except ConnectionError_ as exc:
             self.abort(exc.code, str(exc))
             return
@@ -396,15 +362,146 @@ class _Connection(asyncio.Protocol):
             _log.error("HTTP/2 engine error", exc_info=exc)
             self.abort(INTERNAL_ERROR, f"internal error: {exc!r}")
             return
-        if self.closed:
-            return
-        if source is data:
-            if pos < len(data):
-                buf += data[pos:]
-        elif pos:
-            del buf[:pos]
-        if self.conn_credit >= CONN_WINDOW // 4:
+        if not self.closed and self.conn_credit >= CONN_WINDOW // 4:
             self._flush_conn_credit()
+
+    def _receive_preface(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if len(buf) < len(PREFACE):
+            if not PREFACE.startswith(buf):
+                raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+            return
+        if buf[: len(PREFACE)] != PREFACE:
+            raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
+        self.preface_seen = True
+        rest = bytes(buf[len(PREFACE) :])
+        self.buf = bytearray()
+        if rest:
+            self._receive(rest)
+
+    def _receive(self, data: bytes) -> None:
+        """Frames out of ``data``, read where it lies: only a frame cut by the end of a
+        read is kept in ``self.buf`` (at most one frame); a DATA frame's payload goes to
+        its stream as it arrives, however the frame is cut."""
+        pos, size = 0, len(data)
+        while pos < size and not self.closed:
+            left = self.data_left
+            if left:  # inside a DATA frame: its payload goes straight to the stream
+                stop = pos + left if left < size - pos else size
+                self.data_left = left - (stop - pos)
+                stream = self.data_stream
+                if stream is not None and self.data_feed:
+                    stream.on_payload(data, pos, stop)
+                pos = stop
+                if not self.data_left:
+                    self._data_done()
+                continue
+            if self.buf:
+                pos = self._fill_pending(data, pos, size)
+                continue
+            frames, pos, oversized = _h2.scan_frames(data, pos, RECV_FRAME)
+            if frames:
+                self._dispatch(data, frames)
+            if self.closed:
+                return
+            if oversized >= 0:
+                raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {oversized} bytes")
+            if pos < size:  # a frame cut by the end of this read
+                if size - pos >= 9 and data[pos + 3] == DATA and not data[pos + 4] & PADDED:
+                    length = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+                    sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                    self._data_start(data[pos + 4], sid, length)
+                    pos += 9
+                else:
+                    self.buf += memoryview(data)[pos:]
+                    pos = size
+
+    def _fill_pending(self, data: bytes, pos: int, size: int) -> int:
+        """Complete the frame in ``self.buf`` from ``data[pos:]``; dispatch it once whole
+        (an unpadded DATA frame starts streaming as soon as its header is whole)."""
+        buf = self.buf
+        have = len(buf)
+        if have < 9:
+            take = min(9 - have, size - pos)
+            buf += memoryview(data)[pos : pos + take]
+            pos += take
+            if len(buf) < 9:
+                return pos
+        length = (buf[0] << 16) | (buf[1] << 8) | buf[2]
+        if length > RECV_FRAME:
+            raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        if len(buf) == 9 and buf[3] == DATA and not buf[4] & PADDED:
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            flags = buf[4]
+            buf.clear()
+            self._data_start(flags, sid, length)
+            if not length:
+                self._data_done()
+            return pos
+        take = min(9 + length - len(buf), size - pos)
+        buf += memoryview(data)[pos : pos + take]
+        pos += take
+        if len(buf) == 9 + length:
+            self.buf = bytearray()
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            self._dispatch(buf, [(buf[3], buf[4], sid, 9, 9 + length)])
+        return pos
+
+    def _dispatch(
+        self, data: bytes | bytearray, frames: list[tuple[int, int, int, int, int]]
+    ) -> None:
+        view = memoryview(data)
+        try:
+            for ftype, flags, sid, start, end in frames:
+                if self.closed:
+                    break
+                if ftype == DATA and not flags & PADDED:
+                    length = end - start
+                    stream = self.streams.get(sid)
+                    if (
+                        stream is not None
+                        and length <= self.recv_window
+                        and length <= stream.recv_window
+                        and stream.error is None
+                        and not stream.ended
+                        and not stream.closed
+                        and self.header_block is None
+                    ):  # the common case, inline: a whole frame for a live stream
+                        self.recv_window -= length
+                        self.conn_credit += length
+                        stream.recv_window -= length
+                        stream.held += length
+                        if length:
+                            stream.on_payload(data, start, end)
+                        if flags & END_STREAM:
+                            self.on_end_stream(stream)
+                        continue
+                    self._data_start(flags, sid, length)
+                    self.data_left = 0
+                    stream = self.data_stream
+                    if stream is not None and self.data_feed and end > start:
+                        stream.on_payload(data, start, end)
+                    self._data_done()
+                elif (
+                    ftype == WINDOW_UPDATE
+                    and end - start == 4
+                    and self.header_block is None
+                    and self.settings_seen
+                    and data[start] & 0x7F | data[start + 1] | data[start + 2] | data[start + 3]
+                ):  # the common case, inline: a valid increment
+                    increment = int.from_bytes(data[start:end], "big") & 0x7FFFFFFF
+                    target = self if sid == 0 else self.streams.get(sid)
+                    if target is None or target.send_window + increment > MAX_WINDOW:
+                        self.on_frame(view, ftype, flags, sid, start, end)
+                    else:
+                        target.send_window += increment
+                        if self._window_waiters:
+                            self._wake_window()
+                else:
+                    self.on_frame(view, ftype, flags, sid, start, end)
+        finally:
+            view.release()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -645,34 +742,65 @@ class _Connection(asyncio.Protocol):
         return 0
 
     def on_data(self, view: memoryview, flags: int, sid: int, start: int, end: int) -> None:
-        if sid == 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+        """A whole DATA frame (padded ones come this way)."""
         flow = end - start
-        self.recv_window -= flow
-        if self.recv_window < 0:
-            raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window exceeded")
-        self.conn_credit += flow
+        pad = 0
         if flags & PADDED:
             if flow < 1 or view[start] >= flow:
                 raise ConnectionError_(PROTOCOL_ERROR, "padding longer than DATA")
-            end -= view[start]
-            start += 1
-        stream = self.streams.get(sid)
+            pad = view[start]
+        self._data_start(flags, sid, flow)
+        self.data_left = 0
+        stream = self.data_stream
+        if stream is not None and self.data_feed:
+            if flags & PADDED:
+                start, end = start + 1, end - pad
+            if end > start:
+                stream.on_payload(view, start, end)
+        self._data_done()
+
+    def _data_start(self, flags: int, sid: int, length: int) -> None:
+        """A DATA frame's header: flow control for all of it; its payload follows."""
+        if self.header_block is not None:
+            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self.settings_seen:
+            raise ConnectionError_(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if sid == 0:
+            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window exceeded")
+        self.conn_credit += length
+        self.data_left = length
+        self.data_end_stream = bool(flags & END_STREAM)
+        self.data_feed = False
+        stream = self.data_stream = self.streams.get(sid)
         if stream is None:
             self._check_not_idle(sid, "DATA")
             self.write(_header(4, RST_STREAM, 0, sid) + STREAM_CLOSED.to_bytes(4, "big"))
             return
         if stream.ended:
+            self.data_stream = None
             self.reset(stream, STREAM_CLOSED)
             self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "DATA after END_STREAM")))
             return
-        try:
-            stream.on_data(view[start:end], flow)
-        except _StreamReset as exc:
-            self.reset(stream, exc.code)
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            self.data_stream = None
+            self.reset(stream, FLOW_CONTROL_ERROR)
             self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "flow control error")))
             return
-        if flags & END_STREAM:
+        if stream.error is not None or stream.closed:  # not wanted any more: credit at once
+            self.credit_stream(stream, length)
+            return
+        stream.held += length
+        self.data_feed = True
+
+    def _data_done(self) -> None:
+        """The DATA frame's last byte arrived."""
+        stream = self.data_stream
+        self.data_stream = None
+        if stream is not None and self.data_end_stream:
             self.on_end_stream(stream)
 
     def on_end_stream(self, stream: _Stream) -> None:
