@@ -79,8 +79,8 @@ class Demo:
         await self.agent.start()
         self.line(
             "xdsfast",
-            f"{__version__}, core {wire.IMPLEMENTATION}: unix:{socket_path} -> "
-            f"{self.control_plane.address}",
+            f"{__version__}, core {wire.IMPLEMENTATION}, engine {config.engine}: "
+            f"unix:{socket_path} -> {self.control_plane.address}",
         )
 
     async def stop(self) -> None:
