@@ -688,6 +688,19 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def run_bench(settings: Settings, keep_logs: bool = False) -> Results:
+    """Every round of every arrangement, against one control plane and client."""
+    results = Results()
+    with workdir(keep_logs) as tmp, Children(tmp) as children:
+        bench = Bench(settings, children, tmp)
+        for round_no in range(settings.rounds):
+            if settings.rounds > 1:
+                print(f"round {round_no + 1}/{settings.rounds}", file=sys.stderr)
+            for name in settings.arrangements:
+                bench.arrangement(name, results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(
@@ -702,15 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     info = machine()
     started = time.monotonic()
-    results = Results()
     try:
-        with workdir(args.keep_logs) as tmp, Children(tmp) as children:
-            bench = Bench(settings, children, tmp)
-            for round_no in range(settings.rounds):
-                if settings.rounds > 1:
-                    print(f"round {round_no + 1}/{settings.rounds}", file=sys.stderr)
-                for name in settings.arrangements:
-                    bench.arrangement(name, results)
+        results = run_bench(settings, args.keep_logs)
     except BenchError as exc:
         print(f"relay_bench: error: {exc}", file=sys.stderr)
         return 1

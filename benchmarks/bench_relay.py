@@ -1,0 +1,63 @@
+"""The relays side by side, for asv: both engines against a direct connection, in one run.
+
+``setup_cache`` runs ``relay_bench`` once per ADS flavour (small sizes, so asv stays quick);
+the ``track_`` methods read its summary.  Ratios against direct are the numbers to compare
+across commits: they cancel the load of a shared machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from . import relay_bench
+
+MIB = 1024 * 1024
+ROWS = {"grpcio": "xdsfast", "fast": "xdsfast-fast"}
+
+
+def _summary(delta: bool) -> dict[str, dict[str, Any]]:
+    settings = relay_bench.Settings(
+        storm=10, small=1000, delta=delta, rounds=1, arrangements=("direct", *ROWS.values())
+    )
+    results = relay_bench.run_bench(settings)
+    return relay_bench.summarize(results, settings.arrangements)
+
+
+class RelaySideBySide:
+    params: ClassVar = (["sotw", "delta"], list(ROWS))
+    param_names: ClassVar = ["mode", "engine"]
+    timeout = 900
+
+    def setup_cache(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return {"sotw": _summary(False), "delta": _summary(True)}
+
+    @staticmethod
+    def _row(cache: dict[str, Any], mode: str, engine: str) -> dict[str, Any]:
+        row: dict[str, Any] = cache[mode][ROWS[engine]]
+        return row
+
+    def track_storm_vs_direct(self, cache: dict[str, Any], mode: str, engine: str) -> float:
+        return float(self._row(cache, mode, engine)["storm"]["ratio"])
+
+    def track_small_updates_vs_direct(self, cache: dict[str, Any], mode: str, engine: str) -> float:
+        return float(self._row(cache, mode, engine)["small"]["ratio"])
+
+    def track_relay_cpu_per_update(self, cache: dict[str, Any], mode: str, engine: str) -> float:
+        small = self._row(cache, mode, engine)["small"]
+        return float(small["relay_cpu"] / small["count"] * 1e6)
+
+    def track_update_latency_p50(self, cache: dict[str, Any], mode: str, engine: str) -> float:
+        return float(self._row(cache, mode, engine)["small"]["p50"] * 1e6)
+
+    def track_storm_peak_rss(self, cache: dict[str, Any], mode: str, engine: str) -> float:
+        return float(self._row(cache, mode, engine)["storm"]["peak_rss"] / MIB)
+
+    def track_idle_rss(self, cache: dict[str, Any], mode: str, engine: str) -> float:
+        return float(self._row(cache, mode, engine)["idle_rss"] / MIB)
+
+    track_storm_vs_direct.unit = "ratio"  # type: ignore[attr-defined]
+    track_small_updates_vs_direct.unit = "ratio"  # type: ignore[attr-defined]
+    track_relay_cpu_per_update.unit = "µs"  # type: ignore[attr-defined]
+    track_update_latency_p50.unit = "µs"  # type: ignore[attr-defined]
+    track_storm_peak_rss.unit = "MiB"  # type: ignore[attr-defined]
+    track_idle_rss.unit = "MiB"  # type: ignore[attr-defined]
