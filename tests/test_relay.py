@@ -37,11 +37,19 @@ async def with_name_table(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> AdsClient:
     """A stream past its first LDS request, with the first NameTable applied."""
-    serve_sample(control_plane)
     control_plane.set_name_table(mesh.sample_name_table())
+    client = await listening(agent, control_plane, clients, delta)
+    await agent.dns_table.wait_updates(1)
+    return client
+
+
+async def listening(
+    agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
+) -> AdsClient:
+    """A stream on the sample mesh, past Envoy's first LDS request and its answer."""
+    serve_sample(control_plane)
     client = await connect(agent, clients, delta)
     await listen(client)
-    await agent.dns_table.wait_updates(1)
     return client
 
 
@@ -148,9 +156,7 @@ async def test_name_table_is_forwarded_untouched_when_dns_is_off(
     make_agent: AgentFactory, control_plane: ControlPlane, clients: list[AdsClient]
 ) -> None:
     agent = await make_agent(discovery_address=control_plane.address, dns_enabled=False)
-    serve_sample(control_plane)
-    client = await connect(agent, clients, False)
-    await listen(client)
+    client = await listening(agent, control_plane, clients, False)
     control_plane.push_raw(NAME_TABLE, [mesh.sample_name_table()])
     control_plane.push_raw(CLUSTER, [mesh.eds_cluster("c")])
     # Not an envoy.* type: dropped by the allow-list, never requested by the agent.
@@ -166,9 +172,7 @@ async def test_name_table_is_forwarded_untouched_when_dns_is_off(
 async def test_only_envoy_types_and_workload_are_forwarded(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    client = await connect(agent, clients, delta)
-    await listen(client)
+    client = await listening(agent, control_plane, clients, delta)
     control_plane.push_raw("type.googleapis.com/istio.security.Authorization")
     control_plane.push_raw("type.googleapis.com/istio.workload.Address")
     control_plane.push_raw("type.example.com/unknown")
@@ -187,9 +191,7 @@ async def test_only_envoy_types_and_workload_are_forwarded(
 async def test_many_responses_arrive_once_in_order(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    client = await connect(agent, clients, delta)
-    await listen(client)
+    client = await listening(agent, control_plane, clients, delta)
     sent = [
         control_plane.push_raw(ENDPOINT, [mesh.small_eds(i)], version=f"e{i}")[0]
         for i in range(200)
@@ -237,9 +239,7 @@ async def test_metadata_cluster_id_and_xds_headers(
         cluster_id=config.cluster_id,
         xds_headers=config.xds_headers,
     )
-    serve_sample(control_plane)
-    client = await connect(agent, clients, False)
-    await listen(client)
+    await listening(agent, control_plane, clients, False)
     metadata = control_plane.stream_metadata[-1]
     assert metadata["clusterid"] == "east-1"
     assert metadata["x_tenant"] == "blue"
@@ -249,9 +249,7 @@ async def test_metadata_cluster_id_and_xds_headers(
 async def test_cluster_id_is_sent_even_when_empty(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient]
 ) -> None:
-    serve_sample(control_plane)
-    client = await connect(agent, clients, True)
-    await listen(client)
+    await listening(agent, control_plane, clients, True)
     assert control_plane.stream_metadata[-1]["clusterid"] == ""
 
 
@@ -277,9 +275,7 @@ async def test_a_new_stream_ends_the_old_one_with_ok(
 async def test_envoy_going_away_ends_the_upstream_stream(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    client = await connect(agent, clients, delta)
-    await listen(client)
+    client = await listening(agent, control_plane, clients, delta)
     await client.close()
     await control_plane.wait_for(lambda: control_plane.active_streams == 0)
     terminations = agent.metrics.envoy_connection_terminations
@@ -290,9 +286,7 @@ async def test_envoy_going_away_ends_the_upstream_stream(
 async def test_envoy_half_close_ends_the_pair_cleanly(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    client = await connect(agent, clients, delta)
-    await listen(client)
+    client = await listening(agent, control_plane, clients, delta)
     await client.done_writing()
     status = await client.wait_closed()
     assert status.code == grpc.StatusCode.OK
@@ -304,9 +298,7 @@ async def test_envoy_half_close_ends_the_pair_cleanly(
 async def test_istiod_going_away_ends_envoys_stream_and_next_stream_works(
     agent: Agent, control_plane: ControlPlane, clients: list[AdsClient], delta: bool
 ) -> None:
-    serve_sample(control_plane)
-    client = await connect(agent, clients, delta)
-    await listen(client)
+    client = await listening(agent, control_plane, clients, delta)
     await control_plane.stop()
     status = await client.wait_closed()
     assert status.code != grpc.StatusCode.OK
