@@ -478,7 +478,7 @@ async def test_envoy_killed_and_restarted(
 @pytest.mark.slow
 @pytest.mark.parametrize("delta", MODES)
 async def test_slow_envoy_keeps_xdsfast_memory_bounded(
-    delta: bool, rig_factory: RigFactory
+    delta: bool, rig_factory: RigFactory, engine: str
 ) -> None:
     """Envoy stops reading (SIGSTOP) while the control plane pushes 60 x 3 MB:
     xdsfast reads one response at a time, so its memory does not follow the backlog."""
@@ -509,9 +509,10 @@ async def test_slow_envoy_keeps_xdsfast_memory_bounded(
     assert await rig.verify(timeout=90) == stream  # the same stream: nothing was lost
     pushed = sum(s.size for s in rig.cp.responses if s.stream_id == stream)
     assert pushed > 180 * MB
-    # Generous: xdsfast holds a few messages' worth (plus its engine's buffers), not the
-    # 180 MB backlog; grpcio peaked at ~60 MB over its baseline with 2 MB messages.
-    assert peak - baseline < 90 * MB, (baseline, peak)
+    # Not the 180 MB backlog: the fast engine holds a few messages' worth (9 MB measured),
+    # grpc.aio what grpc core buffers besides (58-95 MB measured with these 3 MB messages).
+    bound = 30 * MB if engine == "fast" else 130 * MB
+    assert peak - baseline < bound, (engine, baseline, peak)
 
 
 @pytest.mark.slow

@@ -445,6 +445,94 @@ async def test_unconsumed_requests_are_not_credited(short_tmp: Path) -> None:
         await srv.stop(0)
 
 
+class Sinking:
+    """A handler whose sink takes messages starting with ``T`` and leaves the rest to recv();
+    it records who got what, and yields between recv()s so messages queue up meanwhile."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.parked = asyncio.Event()
+
+    def sink(self, data: bytes) -> bool:
+        if data.startswith(b"T"):
+            self.got.append(("sink", data))
+            return True
+        return False
+
+    async def __call__(self, downstream: Downstream, mode: Mode) -> Status:
+        assert downstream.set_sink(self.sink)
+        while True:
+            self.parked.set()
+            data = await downstream.recv()
+            if data is None:
+                return Status()
+            self.got.append(("recv", data))
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+
+@given(
+    kinds=st.lists(st.sampled_from("TR"), min_size=1, max_size=40),
+    cuts=st.lists(st.integers(1, 60), min_size=1, max_size=8),
+)
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_the_sink_never_reorders_messages(
+    short_tmp: Path, kinds: list[str], cuts: list[int]
+) -> None:
+    """Whatever the sink takes or leaves, and however the bytes arrive, the messages are
+    consumed in the order they were sent, each once."""
+    sent = [f"{kind}{i}".encode() * (i % 7 + 1) for i, kind in enumerate(kinds)]
+
+    async def scenario() -> list[tuple[str, bytes]]:
+        handler = Sinking()
+        srv = engine.FastServer(handler)
+        await srv.start(str(short_tmp / "s.sock"), None)
+        try:
+            raw = await Raw.open(socket_path(srv))
+            raw.send(raw.headers(1))
+            await asyncio.wait_for(handler.parked.wait(), 5)
+            payload = b"".join(grpc_message(m) for m in sent)
+            pos, i = 0, 0
+            while pos < len(payload):  # in pieces, each a DATA frame, yielding in between
+                piece = payload[pos : pos + cuts[i % len(cuts)]]
+                raw.send(frame(engine.DATA, 0, 1, piece))
+                await raw.writer.drain()
+                await asyncio.sleep(0)
+                pos, i = pos + len(piece), i + 1
+            raw.send(frame(engine.DATA, engine.END_STREAM, 1))
+            got = await raw.until(engine.HEADERS)
+            assert got is not None
+            raw.close()
+            return handler.got
+        finally:
+            await srv.stop(0)
+
+    got = asyncio.run(scenario())
+    assert [data for _, data in got] == sent
+
+
+async def test_the_sink_takes_messages_while_recv_waits(short_tmp: Path) -> None:
+    """The synchronous path is taken when it may be: recv() parked, nothing queued."""
+    handler = Sinking()
+    srv = engine.FastServer(handler)
+    await srv.start(str(short_tmp / "t.sock"), None)
+    try:
+        raw = await Raw.open(socket_path(srv))
+        raw.send(raw.headers(1))
+        await asyncio.wait_for(handler.parked.wait(), 5)
+        raw.send(frame(engine.DATA, 0, 1, grpc_message(b"T-alone")))
+        raw.send(frame(engine.PING, 0, 0, b"syncsync"))
+        assert await raw.until(engine.PING) is not None  # the server read the DATA before
+        assert handler.got == [("sink", b"T-alone")]
+        raw.send(frame(engine.DATA, engine.END_STREAM, 1, grpc_message(b"R-last")))
+        assert await raw.until(engine.HEADERS) is not None
+        assert handler.got == [("sink", b"T-alone"), ("recv", b"R-last")]
+    finally:
+        await srv.stop(0)
+
+
 @given(garbage=st.binary(min_size=1, max_size=400), split=st.integers(1, 50))
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -232,6 +232,9 @@ class Session:
         self._replaced = asyncio.Event()
         self._replaced_why = ""
         self.types: dict[str, _TypeState] = {}  # type URL -> what /debug/xds shows
+        self._plain: dict[str, _TypeState] = {}  # types the response sink may forward
+        self.upstream: Upstream | None = None
+        self._sending = False  # _to_istiod is writing a request (later ones queue behind)
         self.started = time.time()
 
     def _state(self, type_url: str) -> _TypeState:
@@ -263,6 +266,10 @@ class Session:
             _log.error("cannot reach istiod: %s", exc, extra=fields)
             return Status(Code.UNAVAILABLE, f"xdsfast: {exc}")
         _log.info("connected to istiod", extra=fields)
+        self.upstream = upstream
+        if not _log.isEnabledFor(logging.DEBUG):  # else every message is logged by the pumps
+            self.downstream.set_sink(self._request_sink)
+            upstream.set_sink(self._response_sink)
         tasks = [
             asyncio.ensure_future(self._from_envoy()),
             asyncio.ensure_future(self._to_istiod(upstream)),
@@ -279,6 +286,9 @@ class Session:
             _log.info("Envoy stream cancelled", extra=fields)
             raise
         finally:
+            self.downstream.set_sink(None)
+            upstream.set_sink(None)
+            self.upstream = None
             for task in tasks:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -328,12 +338,10 @@ class Session:
         return Ending("replaced", OK)
 
     async def _from_envoy(self) -> Ending:
-        """Envoy -> queue; after the first LDS request, the agent's own requests."""
+        """Envoy -> istiod, for what the sink left; after the first LDS request, the agent's
+        own requests too."""
         recv = self.downstream.recv
         peek = self.flavour.peek_request
-        queue = self.requests
-        recv_max = self.metrics.pilot_xds_recv_max
-        types = self.types
         debug = _log.isEnabledFor(logging.DEBUG)
         while True:
             try:
@@ -343,10 +351,8 @@ class Session:
             if data is None:
                 # Envoy half-closed: what it sent before still goes to istiod (bounded wait).
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(queue.join(), _FLUSH_TIMEOUT)
+                    await asyncio.wait_for(self.requests.join(), _FLUSH_TIMEOUT)
                 return Ending("half-closed", OK)
-            if len(data) > recv_max.value:
-                recv_max.value = len(data)
             try:
                 request = peek(data)
             except wire.WireError as exc:
@@ -357,23 +363,57 @@ class Session:
                 )
             if debug:
                 _log.debug("request for %s", request.type_url, extra=log.fields(id=self.id))
-            state = types.get(request.type_url) or self._state(request.type_url)
-            state.totals.request += len(data)
-            if request.response_nonce:
-                state.ack_nonce = request.response_nonce
-                if request.has_error_detail:
-                    state.nack(self.mode, data)
-                else:
-                    state.ack = "ACK"
-                    state.acked, state.acked_data = request, data
-            queue.put_nowait(data)
+            self._note_request(data, request)
+            self._to_istiod_now(data)
             if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
                 self.initial_requests_sent = True
                 for type_url in self.relay.interceptors:
-                    queue.put_nowait(intercept.subscribe(self.mode, type_url))
+                    self._to_istiod_now(intercept.subscribe(self.mode, type_url))
                 cached_health = self.relay.health.get(self.mode)
                 if cached_health is not None:
-                    queue.put_nowait(cached_health)
+                    self._to_istiod_now(cached_health)
+
+    def _request_sink(self, data: bytes) -> bool:
+        """A request, in the engine's read callback: the common case without a task switch."""
+        try:
+            request = self.flavour.peek_request(data)
+        except wire.WireError:
+            return False  # _from_envoy reports it
+        if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
+            return False  # the first LDS request brings the agent's own: _from_envoy does it
+        self._note_request(data, request)
+        self._to_istiod_now(data)
+        return True
+
+    def _note_request(self, data: bytes, request: Any) -> None:
+        """What /debug/xds and the metrics keep of a request from Envoy."""
+        size = len(data)
+        recv_max = self.metrics.pilot_xds_recv_max
+        if size > recv_max.value:
+            recv_max.value = size
+        state = self.types.get(request.type_url) or self._state(request.type_url)
+        state.totals.request += size
+        if request.response_nonce:
+            state.ack_nonce = request.response_nonce
+            if request.has_error_detail:
+                state.nack(self.mode, data)
+            else:
+                state.ack = "ACK"
+                state.acked, state.acked_data = request, data
+
+    def _to_istiod_now(self, data: bytes) -> None:
+        """Write a request to istiod at once if nothing is queued or being sent before it and
+        nothing would wait; else queue it for _to_istiod (never waits: see istio#39209)."""
+        upstream = self.upstream
+        if (
+            upstream is not None
+            and not self._sending
+            and self.requests.empty()
+            and upstream.try_send(data)
+        ):
+            self.metrics.xds_proxy_requests.value += 1
+        else:
+            self.requests.put_nowait(data)
 
     async def _to_istiod(self, upstream: Upstream) -> Ending:
         get = self.requests.get
@@ -382,10 +422,12 @@ class Session:
         sent = self.metrics.xds_proxy_requests
         while True:
             data = await get()
+            self._sending = True
             try:
                 await send(data)
             except StreamError as exc:
                 return Ending("upstream", exc.status)
+            self._sending = False
             sent.value += 1
             done()
 
@@ -396,11 +438,9 @@ class Session:
         interceptors = self.relay.interceptors
         rewriters = self.relay.rewriters
         received = self.metrics.xds_proxy_responses
-        forwarded: dict[str, bool] = {}  # type_url -> allowed, so the check runs once per type
         debug = _log.isEnabledFor(logging.DEBUG)
         types = self.types
         clock = time.perf_counter
-        observe = self.metrics.push_latency.observe
         while True:
             try:
                 data = await recv()
@@ -423,10 +463,7 @@ class Session:
             if interceptor is not None:
                 self._consume(interceptor, data, response)
                 continue
-            allowed = forwarded.get(type_url)
-            if allowed is None:
-                allowed = forwarded[type_url] = intercept.is_forwarded(type_url)
-            if not allowed:
+            if not intercept.is_forwarded(type_url):
                 self.metrics.dropped_responses.inc_label("type_not_forwarded")
                 _log.error(
                     "dropped a response of a type Envoy is not sent: %s",
@@ -441,17 +478,37 @@ class Session:
                 if rewritten is None:
                     continue
                 data = rewritten
-            state.last = response
-            state.responses += 1
-            size = len(data)
-            state.bytes += size
-            state.totals.response += size
+            elif not debug:
+                self._plain[type_url] = state  # the sink may forward this type from now on
             try:
                 await send(data)
             except StreamError as exc:
                 return Ending("downstream", exc.status)
-            state.pushed = written = clock()
-            observe(written - arrived)
+            self._forwarded(state, response, len(data), arrived)
+
+    def _response_sink(self, data: bytes) -> bool:
+        """A response, in the engine's read callback: a type already forwarded as it is goes
+        straight to Envoy when nothing would wait; anything else is _from_istiod's."""
+        arrived = time.perf_counter()
+        try:
+            response = self.flavour.peek_response(data)
+        except wire.WireError:
+            return False  # _from_istiod reports it
+        state = self._plain.get(response.type_url)
+        if state is None or not self.downstream.try_send(data):
+            return False
+        self.metrics.xds_proxy_responses.value += 1
+        self._forwarded(state, response, len(data), arrived)
+        return True
+
+    def _forwarded(self, state: _TypeState, response: Any, size: int, arrived: float) -> None:
+        """A response went to Envoy: what /debug/xds and the metrics keep of it."""
+        state.last = response
+        state.responses += 1
+        state.bytes += size
+        state.totals.response += size
+        state.pushed = written = time.perf_counter()
+        self.metrics.push_latency.observe(written - arrived)
 
     async def _rewrite(
         self, rewriter: Rewriter, data: bytes, response: Any, state: _TypeState

@@ -72,7 +72,25 @@ class Mode(enum.Enum):
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 
-class Downstream(Protocol):
+# Takes one message as it arrives, inside the engine's read callback, and says whether it
+# took it whole (True) or left it, untouched, for recv() (False).  It saves the relay a task
+# switch per message; it must not block and must not have acted on a message it leaves.
+Sink = Callable[[bytes], bool]
+
+
+class _Stream(Protocol):
+    """What both sides of a stream offer besides recv and send: the synchronous fast path."""
+
+    def try_send(self, data: bytes) -> bool:
+        """Write one message now if nothing would have to wait (flow-control windows open,
+        the socket not backed up); False, having written nothing, otherwise."""
+
+    def set_sink(self, sink: Sink | None) -> bool:
+        """Offer arriving messages to ``sink`` while recv() is awaited and nothing is queued
+        (so the order holds); False if this engine cannot (recv() then gets every message)."""
+
+
+class Downstream(_Stream, Protocol):
     """Envoy's side of one stream."""
 
     peer: str
@@ -84,7 +102,7 @@ class Downstream(Protocol):
         """Write one response. Raises StreamError."""
 
 
-class Upstream(Protocol):
+class Upstream(_Stream, Protocol):
     """istiod's side of one stream."""
 
     async def recv(self) -> bytes | None:

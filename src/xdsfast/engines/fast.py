@@ -35,6 +35,7 @@ from xdsfast.engines import (
     DialSettings,
     Mode,
     ServerSettings,
+    Sink,
     Status,
     StreamError,
     StreamHandler,
@@ -138,9 +139,11 @@ class _Stream:
         "held",
         "id",
         "messages",
+        "receiving",
         "recv_window",
         "send_window",
         "sent_headers",
+        "sink",
         "status",
         "task",
     )
@@ -161,6 +164,8 @@ class _Stream:
         self.status: Status | None = None  # the peer's trailers (client side)
         self.sent_headers = False
         self.task: asyncio.Task[None] | None = None
+        self.sink: Sink | None = None  # takes messages while next_message() waits
+        self.receiving = False  # next_message() waits, with nothing queued
 
     # receiving
 
@@ -170,6 +175,8 @@ class _Stream:
             return
         assembler = self.assembler
         messages = assembler.feed(buf, start, end)
+        if messages and self.receiving and self.sink is not None and not self.messages:
+            messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
         if messages:
             self.messages.extend(messages)
             self._wake()
@@ -178,6 +185,21 @@ class _Stream:
         elif not messages and not self.messages:
             # A message is being reassembled and nothing waits to be taken: let it come.
             self._release()
+
+    def _offer(self, messages: list[bytes]) -> list[bytes]:
+        """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
+        sink = self.sink
+        assert sink is not None
+        for i, message in enumerate(messages):
+            try:
+                taken = sink(message)
+            except Exception as exc:  # a bug in the sink: recv() gets the message instead
+                _log.error("stream sink failed", exc_info=exc)
+                self.sink = None
+                taken = False
+            if not taken:
+                return messages[i:]
+        return []
 
     def _bad_message(self, error: int, length: int) -> None:
         if error == 1:
@@ -236,26 +258,37 @@ class _Stream:
             if self.ended:
                 return None
             waiter = self._waiter = self.conn.loop.create_future()
-            await waiter
+            self.receiving = True
+            try:
+                await waiter
+            finally:
+                self.receiving = False
 
     # sending
 
-    async def write_message(self, data: bytes) -> None:
+    def try_write(self, data: bytes) -> bool:
+        """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""
         conn = self.conn
         total = len(data) + 5
         if (
             total <= self.send_window
             and total <= conn.send_window
             and total <= conn.peer_max_frame
+            and not conn.write_paused
             and not self.closed
             and not conn.closed
-        ):  # the common case: one frame, the windows open
+        ):
             self.send_window -= total
             conn.send_window -= total
             conn.transport.writelines(_h2.data_frames(data, 0, total, self.id, total))  # type: ignore[union-attr]
-            if conn.write_paused:
-                await conn.drain()
+            return True
+        return False
+
+    async def write_message(self, data: bytes) -> None:
+        if self.try_write(data):  # the common case: one frame, the windows open
             return
+        conn = self.conn
+        total = len(data) + 5
         offset = 0
         while offset < total:
             if self.closed or conn.closed:
@@ -918,6 +951,14 @@ class _Downstream:
             raise StreamError(Status(Code.UNAVAILABLE, f"send to Envoy failed: {stream.error}"))
         await stream.write_message(data)
 
+    def try_send(self, data: bytes) -> bool:
+        stream = self._stream
+        return stream.sent_headers and stream.error is None and stream.try_write(data)
+
+    def set_sink(self, sink: Sink | None) -> bool:
+        self._stream.sink = sink
+        return True
+
 
 class _ServerConnection(_Connection):
     def __init__(self, server: FastServer) -> None:
@@ -1204,6 +1245,13 @@ class _Upstream:
                 raise stream.error
             raise StreamError(stream.status or self._conn.lost_status())
         await stream.write_message(data)
+
+    def try_send(self, data: bytes) -> bool:
+        return not self._half_closed and self._stream.try_write(data)
+
+    def set_sink(self, sink: Sink | None) -> bool:
+        self._stream.sink = sink
+        return True
 
     async def close(self) -> None:
         """Half-close first, so what was sent is read before the stream goes; then cancel.

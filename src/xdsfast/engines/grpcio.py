@@ -20,6 +20,7 @@ from xdsfast.engines import (
     DialSettings,
     Mode,
     ServerSettings,
+    Sink,
     Status,
     StreamError,
     StreamHandler,
@@ -36,7 +37,19 @@ def _status(error: aio.AioRpcError) -> Status:
     return Status(Code(code.value[0]), error.details() or "")
 
 
-class _Downstream:
+class _AsyncOnly:
+    """grpc.aio has no synchronous write or read callback: every message takes a task hop."""
+
+    __slots__ = ()
+
+    def try_send(self, data: bytes) -> bool:
+        return False
+
+    def set_sink(self, sink: Sink | None) -> bool:
+        return False
+
+
+class _Downstream(_AsyncOnly):
     """Envoy's side of one stream, over a grpc.aio servicer context."""
 
     __slots__ = ("_context", "peer")
@@ -134,7 +147,7 @@ def _listen(server: aio.Server, address: str) -> int:
         raise OSError(f"cannot listen on {address} (in use, or not allowed)") from None
 
 
-class _Upstream:
+class _Upstream(_AsyncOnly):
     """istiod's side of one stream, over its own channel."""
 
     __slots__ = ("_call", "_channel")
