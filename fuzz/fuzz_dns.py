@@ -21,14 +21,13 @@ from typing import Any
 from _driver import instrumented, main
 
 with instrumented():
-    from prometheus_client import CollectorRegistry
-
     from xdsfast import nds_pb2
     from xdsfast.dns import server as dns_server
     from xdsfast.dns.handler import Handler
     from xdsfast.dns.metrics import DnsMetrics
     from xdsfast.dns.names import NameRules
     from xdsfast.dns.table import DnsTable
+    from xdsfast.metrics import Metrics
 
 logging.disable(logging.CRITICAL)
 
@@ -116,7 +115,7 @@ LOOP = asyncio.new_event_loop()
 asyncio.set_event_loop(LOOP)
 FORWARDER = _Forwarder()
 SERVER = dns_server.DnsServer(
-    Handler(_table(), DnsMetrics(CollectorRegistry())),
+    Handler(_table(), DnsMetrics(Metrics())),
     FORWARDER,  # type: ignore[arg-type]
     max_forwards=4,
     tcp_max_pending=2,

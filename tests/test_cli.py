@@ -166,3 +166,62 @@ def test_run_reports_a_listener_it_cannot_open(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.strip().startswith("xdsfast: error:")
     assert "Traceback" not in out.stderr
+
+
+# What `xdsfast run` must not import before it serves: each costs idle memory (RSS) for the
+# life of the process (prometheus-client ~3 MB, PyYAML ~1 MB, the Wasm cache and protobuf
+# code ~1 MB until an ECDS response comes, dnslib and the DNS server when DNS is off).
+NEVER_IMPORTED = (
+    "prometheus_client",
+    "grpc",
+    "yaml",
+    "orjson",
+    "xdsfast.engines.grpcio",
+    "xdsfast.wasm.cache",
+    "xdsfast.wasm.convert",
+)
+NO_DNS_NEVER_IMPORTED = (*NEVER_IMPORTED, "dnslib", "xdsfast.dns.proxy", "xdsfast.dns.server")
+
+
+def modules_imported_until_serving(*args: str, cwd: Path) -> set[str]:
+    """Start the fast engine's ``xdsfast run`` as Istio does (a JSON ``PROXY_CONFIG``) and
+    list, from ``-X importtime``, every module it imported before logging it serves."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISTIO_")}
+    proxy_config = {"discoveryAddress": "127.0.0.1:1", "controlPlaneAuthPolicy": "NONE"}
+    env.update(XDSFAST_ENGINE="fast", PROXY_CONFIG=orjson.dumps(proxy_config).decode())
+    command = [sys.executable, "-X", "importtime", "-m", "xdsfast", "run"]
+    command += ["--xds-socket", str(cwd / "XDS"), "--status-address", "127.0.0.1:0", *args]
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    modules, lines = set(), []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("import time:") and "|" in line:
+                modules.add(line.rsplit("|", 1)[1].strip())
+            elif "xDS proxy serving" in line:
+                break
+        else:
+            raise AssertionError("xdsfast run did not start:\n" + "".join(lines[-20:]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    assert "xdsfast.engines.fast" in modules  # the list is real: the engine in use is in it
+    return modules
+
+
+@pytest.mark.parametrize(
+    ("args", "never"),
+    [
+        (("--no-dns",), NO_DNS_NEVER_IMPORTED),
+        (("--dns", "--dns-address", "127.0.0.1:0"), NEVER_IMPORTED),
+    ],
+    ids=["no-dns", "dns"],
+)
+def test_run_does_not_import_what_it_does_not_use(
+    short_tmp: Path, args: tuple[str, ...], never: tuple[str, ...]
+) -> None:
+    modules = modules_imported_until_serving(*args, cwd=short_tmp)
+    loaded = sorted(m for m in modules if m.split(".")[0] in never or m in never)
+    assert loaded == []

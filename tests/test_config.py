@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from typing import Any
 
-from xdsfast.config import Config, ConfigError, TlsFiles, parse_duration
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xdsfast.config import Config, ConfigError, TlsFiles, _proxy_config, parse_duration
 
 
 def build(flags: dict[str, object], env: dict[str, str]) -> Config:
@@ -40,6 +46,63 @@ def test_proxy_config_in_yaml_or_json(proxy_config: str) -> None:
     assert config.discovery_address == "istiod.mesh:15010"
     assert config.plaintext
     assert config.xds_socket == "/run/px/XDS"
+
+
+def read_like_yaml(text: str) -> dict[str, Any] | str:
+    """What ``yaml.safe_load`` makes of a PROXY_CONFIG, or "error"."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return "error"
+    return value if isinstance(value, dict) else "error"
+
+
+def read_ours(text: str) -> dict[str, Any] | str:
+    try:
+        return _proxy_config(text)
+    except ConfigError:
+        return "error"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=4),
+    st.booleans(),
+    st.sampled_from([None, 0, 2, "\t"]),
+)
+def test_json_proxy_config_reads_as_yaml_would(
+    document: dict[str, Any], ascii_only: bool, indent: int | str | None
+) -> None:
+    """JSON is read without PyYAML only where that changes nothing (floats, NaN, surrogate
+    pairs, tabs, control characters all go through YAML)."""
+    text = json.dumps(document, ensure_ascii=ascii_only, indent=indent)
+    assert read_ours(text) == read_like_yaml(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 1e3, "b": 1.5E+2}',
+        '{"a": NaN}',
+        '{"a": "\\ud83d\\ude00"}',
+        '{\t"a": 1}',
+        '{"a": "\x7f"}',
+        '{"a": 1} # comment',
+        '{"a": [1, {"b": null}], "c": true, "d": "x\\/y"}',
+        '{"<<": {"x": 1}}',
+        "[1, 2]",
+    ],
+)
+def test_json_edge_cases_read_as_yaml_would(text: str) -> None:
+    assert read_ours(text) == read_like_yaml(text)
 
 
 def test_flags_win_over_environment() -> None:

@@ -13,7 +13,6 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import pytest
-from prometheus_client import CollectorRegistry
 
 from xdsfast import nds_pb2
 from xdsfast.dns import proxy, resolvconf
@@ -24,6 +23,7 @@ from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.names import NameRules, build_lookup, entry_names
 from xdsfast.dns.table import A_IN, AAAA_IN, ROTATIONS, DnsTable, compile_answers
 from xdsfast.dns.wire import TC, encode_name, truncate
+from xdsfast.metrics import Metrics
 
 Info = nds_pb2.NameTable.NameInfo
 RULES = NameRules("default", "", ("default.svc.cluster.local", "svc.cluster.local"))
@@ -239,7 +239,7 @@ async def test_configure_rebuilds_with_the_new_search_domain() -> None:
 def test_fast_path_reply_is_the_precomputed_bytes() -> None:
     t = DnsTable(RULES)
     t.update(table_of({"a.example": Info(ips=["10.0.0.1"], registry="External")}), "1")
-    h = Handler(t, DnsMetrics(CollectorRegistry()))
+    h = Handler(t, DnsMetrics(Metrics()))
     q = dns.message.make_query("A.Example.", "A")
     q.flags |= dns.flags.CD
     reply = h.fast(q.to_wire())
@@ -324,7 +324,7 @@ def test_port_53_mode() -> None:
 
 
 async def test_parallel_forwarder_with_no_answer_returns_none() -> None:
-    metrics = DnsMetrics(CollectorRegistry())
+    metrics = DnsMetrics(Metrics())
     forwarder = Forwarder([("127.0.0.1", 9), ("127.0.0.1", 9)], metrics, parallel=True)
     query = dns.message.make_query("x.example.", "A").to_wire()
     for tcp in (False, True):

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from conftest import XdsfastFactory
-from prometheus_client import CollectorRegistry
 
 from xdsfast import xds_pb2
 from xdsfast.config import Config
@@ -23,6 +22,7 @@ from xdsfast.dns import server as dns_server
 from xdsfast.dns.handler import Handler
 from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.table import DnsTable
+from xdsfast.metrics import Metrics
 
 # ----- DNS: not an open resolver --------------------------------------------------------
 
@@ -80,7 +80,7 @@ async def _server(forward_remote: bool) -> tuple[dns_server.DnsServer, _Upstream
     await table.wait_updates(1)
     upstream = _Upstream()
     server = dns_server.DnsServer(
-        Handler(table, DnsMetrics(CollectorRegistry())),
+        Handler(table, DnsMetrics(Metrics())),
         upstream,  # type: ignore[arg-type]
         forward_remote=forward_remote,
     )

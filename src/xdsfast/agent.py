@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from xdsfast import log
 from xdsfast.bootstrap import grpc_bootstrap, write_grpc_bootstrap
 from xdsfast.config import Config
-from xdsfast.dns.proxy import DnsProxy
 from xdsfast.dns.table import DnsTable
 from xdsfast.engines import Dialer, DialSettings, ServerSettings, StreamHandler
 from xdsfast.health import HealthChecker
@@ -19,6 +18,9 @@ from xdsfast.metrics import Metrics
 from xdsfast.relay import Relay
 from xdsfast.status import StatusServer, name_table_json
 from xdsfast.wasm import build_rewriter
+
+if TYPE_CHECKING:
+    from xdsfast.dns.proxy import DnsProxy
 
 _log = log.scope("xdsproxy")
 
@@ -65,9 +67,11 @@ class Agent:
             interceptors.append(NameTableInterceptor(self.dns_table))
         if config.pcds_enabled:
             interceptors.append(ProxyConfigInterceptor(config.trust_bundle))
-        self.dns = (
-            DnsProxy(config, self.dns_table, self.metrics.registry) if config.dns_enabled else None
-        )
+        self.dns: DnsProxy | None = None
+        if config.dns_enabled:  # imported here: with DNS off, dnslib and the server stay unloaded
+            from xdsfast.dns.proxy import DnsProxy
+
+            self.dns = DnsProxy(config, self.dns_table, self.metrics)
         # ECDS: remote Wasm code fetched and served as a local file (Istio's default: on).
         self.wasm = build_rewriter(config, self.metrics) if config.wasm_conversion else None
         dialer, make_server = _engine(config)
@@ -130,7 +134,7 @@ class Agent:
         if self.health is not None:
             self.health.start()
         if self.wasm is not None:
-            self.wasm.cache.start()  # the periodic purge of expired modules
+            self.wasm.start()  # the periodic purge of expired modules
         _log.info(
             "xDS proxy serving",
             extra=log.fields(
@@ -147,7 +151,7 @@ class Agent:
         self.relay.drain()
         await self.server.stop(grace=grace)
         if self.wasm is not None:
-            await self.wasm.cache.stop()
+            await self.wasm.stop()
         _log.info("xDS proxy stopped")
         if self.dns is not None:
             await self.dns.stop()

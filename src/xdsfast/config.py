@@ -12,9 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import yaml
+from typing import Any, NoReturn
 
 from xdsfast.health import Probe, ProbeError, probe_from_config
 
@@ -239,15 +237,48 @@ def _first(*values: Any) -> str:
     return ""
 
 
+class _NotJson(Exception):
+    """The text is not JSON that YAML would read the same way."""
+
+
+def _not_json(_: str) -> NoReturn:
+    raise _NotJson
+
+
+# JSON whose YAML reading is the same: printable ASCII lines (YAML rejects tabs between
+# tokens and some raw control characters) without escaped surrogate pairs (YAML keeps the
+# two halves); floats and NaN are refused while parsing (``1e3`` is a string in YAML 1.1).
+_YAML_SAFE_TEXT = re.compile(r"[\n\r\x20-\x7e]*")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]")
+
+
+def _load_yaml_or_json(text: str) -> Any:
+    """``yaml.safe_load(text)``, reading JSON without PyYAML where that gives the same
+    value: Istio's injector writes ``PROXY_CONFIG`` as JSON, and importing PyYAML costs
+    ~1 MB of resident memory for the life of the process."""
+    if (
+        text.lstrip().startswith("{")
+        and _YAML_SAFE_TEXT.fullmatch(text)
+        and not _SURROGATE_ESCAPE.search(text)
+    ):
+        try:
+            return json.loads(text, parse_float=_not_json, parse_constant=_not_json)
+        except (ValueError, _NotJson):
+            pass
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"PROXY_CONFIG is not valid YAML or JSON: {first}") from None
+
+
 def _proxy_config(text: str) -> dict[str, Any]:
     """Istio's ``PROXY_CONFIG``: a ProxyConfig in YAML or JSON."""
     if not text.strip():
         return {}
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"PROXY_CONFIG is not valid YAML or JSON: {first}") from None
+    value = _load_yaml_or_json(text)
     if not isinstance(value, dict):
         raise ConfigError("PROXY_CONFIG must be a ProxyConfig object (YAML or JSON)")
     return value

@@ -12,8 +12,6 @@ import sys
 import time
 from typing import Any
 
-import orjson
-
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -48,6 +46,12 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        import orjson  # here: only JSON logs need it, and it costs idle memory
+
+        self._dumps = orjson.dumps
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": _stamp(record),
@@ -58,7 +62,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return self._dumps(entry, default=str).decode()
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:

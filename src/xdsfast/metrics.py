@@ -1,21 +1,45 @@
-"""The Prometheus registry, with Istio's metric names.
+"""Every metric of the process, in Prometheus text format with Istio's exact names.
 
-Istio exports its xDS-proxy counters without a ``_total`` suffix
-(``istio_agent_xds_proxy_requests``), which prometheus-client's own Counter
-cannot do, so those are plain integers exposed through a collector with the
-exact names.  They are also what the relay bumps per message: an attribute
-increment, no lock.
+The exposition is written here rather than with prometheus-client: that library
+costs ~3 MB of idle RSS (it pulls in http.server, email, urllib.request and
+wsgiref) for what is a few string joins.  Istio exports its xDS-proxy counters
+without a ``_total`` suffix (``istio_agent_xds_proxy_requests``), which is why
+these are plain integers with exact names; they are also what the relay bumps
+per message: an attribute increment, no lock.
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
-
-from prometheus_client import CollectorRegistry, Info, generate_latest
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from xdsfast import wire
 
 PREFIX = "istio_agent_"
+
+Labels = dict[str, str]
+
+
+class Exposed(Protocol):
+    """One metric family as the process exposes it."""
+
+    def text(self) -> str:
+        """Its HELP, TYPE and sample lines, newline-terminated."""
+        ...
+
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        """One sample's value by exposed name and labels, or None if not this family's."""
+        ...
+
+
+class Registry(Protocol):
+    """Where a component registers its metrics: :class:`Metrics`.  The parameter is
+    ``Any`` so that callers still passing a prometheus-client ``CollectorRegistry``
+    (benchmarks/bench_dns.py) keep type-checking; such a registry only holds them."""
+
+    def register(self, metric: Any, /) -> None: ...
 
 
 class Count:
@@ -39,6 +63,12 @@ class Count:
     def get(self, label_value: str | None = None) -> int:
         return self.value if label_value is None else self.by.get(label_value, 0)
 
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        """Any one label value selects (its key is not checked); none, the unlabelled total."""
+        if name != self.name:
+            return None
+        return self.get(next(iter(labels.values())) if labels else None)
+
     def text(self) -> str:
         lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} counter"]
         if self.label is None:
@@ -59,10 +89,51 @@ class Gauge:
         self.doc = doc
         self.value = 0.0
 
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        return self.value if name == self.name else None
+
     def text(self) -> str:
         return (
             f"# HELP {self.name} {self.doc}\n# TYPE {self.name} gauge\n{self.name} {self.value}\n"
         )
+
+
+class Total:
+    """A counter exposed as ``name`` (which ends in ``_total``) whose value is read from
+    its owner at scrape time, so the owner's hot path bumps a plain attribute."""
+
+    __slots__ = ("doc", "name", "read")
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.read = read
+
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        return float(self.read()) if name == self.name and not labels else None
+
+    def text(self) -> str:
+        n = self.name
+        return f"# HELP {n} {self.doc}\n# TYPE {n} counter\n{n} {_float(self.read())}\n"
+
+
+class Info:
+    """Constant labels on a sample of value 1 (``<name>_info``), as Prometheus info metrics."""
+
+    __slots__ = ("doc", "labels", "name")
+
+    def __init__(self, name: str, doc: str, labels: Labels) -> None:
+        self.name = name + "_info"
+        self.doc = doc
+        self.labels = dict(labels)
+
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        return 1.0 if name == self.name and (labels or {}) == self.labels else None
+
+    def text(self) -> str:
+        n = self.name
+        pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in self.labels.items())
+        return f"# HELP {n} {self.doc}\n# TYPE {n} gauge\n{n}{{{pairs}}} 1.0\n"
 
 
 class TypeBytes:
@@ -99,6 +170,11 @@ class BytesByType:
         totals = self.by.get(type_url)
         return 0 if totals is None else int(getattr(totals, direction))
 
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        if name != self.name:
+            return None
+        return self.get(labels["type_url"], labels["direction"]) if labels else None
+
     def text(self) -> str:
         lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} counter"]
         for type_url, totals in sorted(self.by.items()):
@@ -118,6 +194,14 @@ PUSH_LATENCY_BUCKETS = (
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _float(value: float) -> str:
+    """A sample value as a float (``3.0``), the way these metrics have always been shown."""
+    value = float(value)
+    if math.isfinite(value):
+        return repr(value)
+    return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
 
 
 class LatencyHistogram:
@@ -143,25 +227,49 @@ class LatencyHistogram:
     def get(self, suffix: str) -> float:
         return float(self.count) if suffix == "_count" else self.sum
 
-    def text(self) -> str:
-        lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} histogram"]
-        running = 0
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        """``_count`` and ``_sum``, and ``_bucket`` by its ``le`` label (cumulative)."""
+        if name in (f"{self.name}_count", f"{self.name}_sum"):
+            return self.get(name[len(self.name) :])
+        if name == f"{self.name}_bucket" and labels and "le" in labels:
+            for le, running in self._cumulative():
+                if le == labels["le"]:
+                    return float(running)
+        return None
+
+    def _cumulative(self) -> list[tuple[str, int]]:
+        """(``le`` label, observations at or below it) per bucket, ``+Inf`` last."""
+        out, running = [], 0
         for bound, count in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
             running += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {running}')
+            out.append((bound, running))
+        return out
+
+    def text(self) -> str:
+        lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} histogram"]
+        lines += [f'{self.name}_bucket{{le="{le}"}} {n}' for le, n in self._cumulative()]
         lines += [f"{self.name}_sum {self.sum!r}", f"{self.name}_count {self.count}"]
         return "\n".join(lines) + "\n"
 
 
-class Metrics:
-    """Every metric of one xdsfast process.
+class Histogram(LatencyHistogram):
+    """The same histogram shown as the DNS and Wasm histograms always were: float counts,
+    ``_count`` before ``_sum``."""
 
-    Istio-named exact counters live in ``exact``; histograms and the rest (DNS,
-    later issues) in a prometheus-client ``registry``; ``exposition`` joins both.
-    """
+    __slots__ = ()
+
+    def text(self) -> str:
+        n = self.name
+        lines = [f"# HELP {n} {self.doc}", f"# TYPE {n} histogram"]
+        lines += [f'{n}_bucket{{le="{le}"}} {_float(c)}' for le, c in self._cumulative()]
+        lines += [f"{n}_count {_float(self.count)}", f"{n}_sum {_float(self.sum)}"]
+        return "\n".join(lines) + "\n"
+
+
+class Metrics:
+    """Every metric of one xdsfast process, exposed in registration order."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
         p = PREFIX
         self.istiod_connection_failures = Count(
             p + "istiod_connection_failures",
@@ -211,12 +319,7 @@ class Metrics:
             "From a response's arrival from istiod to its write to Envoy completing.",
             tuple(PUSH_LATENCY_BUCKETS),
         )
-        Info(
-            "xdsfast_core",
-            "The wire peeker in use: cython (compiled) or python (the pure-Python twin).",
-            registry=self.registry,
-        ).info({"implementation": wire.IMPLEMENTATION})
-        self.exact: list[Count | Gauge | BytesByType | LatencyHistogram] = [
+        self.exposed: list[Exposed] = [
             self.istiod_connection_failures,
             self.istiod_connection_terminations,
             self.envoy_connection_terminations,
@@ -228,24 +331,25 @@ class Metrics:
             self.consumed_responses,
             self.xds_bytes,
             self.push_latency,
+            Info(
+                "xdsfast_core",
+                "The wire peeker in use: cython (compiled) or python (the pure-Python twin).",
+                {"implementation": wire.IMPLEMENTATION},
+            ),
         ]
+
+    def register(self, metric: Exposed, /) -> None:
+        """Expose another component's metric (DNS, Wasm) after those already here."""
+        self.exposed.append(metric)
 
     def exposition(self) -> bytes:
         """Prometheus text format, as served on ``/stats/prometheus``."""
-        exact = "".join(metric.text() for metric in self.exact).encode()
-        return exact + generate_latest(self.registry)
+        return "".join(metric.text() for metric in self.exposed).encode()
 
-    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+    def sample(self, name: str, labels: Labels | None = None) -> float | None:
         """One sample's value by its exposed name (None if absent), for tests and debug."""
-        for metric in self.exact:
-            if isinstance(metric, LatencyHistogram):
-                if name in (f"{metric.name}_count", f"{metric.name}_sum"):
-                    return metric.get(name[len(metric.name) :])
-                continue
-            if metric.name == name:
-                if isinstance(metric, Gauge):
-                    return metric.value
-                if isinstance(metric, BytesByType):
-                    return metric.get(labels["type_url"], labels["direction"]) if labels else None
-                return metric.get(next(iter(labels.values())) if labels else None)
-        return self.registry.get_sample_value(name, labels)
+        for metric in self.exposed:
+            found = metric.sample(name, labels)
+            if found is not None:
+                return found
+        return None

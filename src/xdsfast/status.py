@@ -29,8 +29,6 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import orjson
-
 from xdsfast import log
 from xdsfast.config import split_host_port
 from xdsfast.nds_pb2 import NameTable
@@ -57,7 +55,6 @@ _REASONS = {
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 _LENGTH = re.compile(r"[0-9]{1,12}")
-_JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
 _MAX_BODY = 64 * 1024  # a GET carries no body; a small one is read and ignored
 
 _log = log.scope("status")
@@ -335,10 +332,20 @@ class StatusServer:
         table = self._ndsz()
         if table is None:
             return Reply(404, _JSON, b"{}\n")
-        return Reply(200, _JSON, orjson.dumps(table, option=_JSON_OPTIONS))
+        return Reply(200, _JSON, _json(table))
 
     def _serve_xds(self) -> Reply:
-        return Reply(200, _JSON, orjson.dumps(self._xds(), option=_JSON_OPTIONS))
+        return Reply(200, _JSON, _json(self._xds()))
+
+
+def _json(value: Any) -> bytes:
+    """Indented, sorted JSON for the debug pages (orjson is imported at the first one:
+    it costs idle memory, and most agents never serve one)."""
+    import orjson
+
+    return orjson.dumps(
+        value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+    )
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:

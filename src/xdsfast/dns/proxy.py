@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry
-
 from xdsfast import log
 from xdsfast.config import DEFAULT_DNS_ADDRESS, Config, split_host_port
 from xdsfast.dns import resolvconf
@@ -27,6 +25,7 @@ from xdsfast.dns.names import NameRules
 from xdsfast.dns.resolvconf import ResolvConf, is_ipv6
 from xdsfast.dns.server import DnsServer
 from xdsfast.dns.table import DnsTable
+from xdsfast.metrics import Registry
 
 _log = log.scope("dns")
 
@@ -69,7 +68,7 @@ def listen_hosts(host: str, resolv: ResolvConf) -> list[str]:
 class DnsProxy:
     """The DNS side of the agent: answers from ``table``, forwards the rest."""
 
-    def __init__(self, config: Config, table: DnsTable, registry: CollectorRegistry) -> None:
+    def __init__(self, config: Config, table: DnsTable, registry: Registry) -> None:
         self.config = config
         self.table = table
         self.metrics = DnsMetrics(registry)

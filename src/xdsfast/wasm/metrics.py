@@ -1,15 +1,13 @@
 """Istio's ``istio_agent_wasm_*`` metrics, added to the process's :class:`Metrics`.
 
 Istio exports these counters without ``_total``, so they are exact-named
-:class:`Count` objects (like the xDS-proxy counters); the duration histogram
-(milliseconds, Istio's power-of-two buckets) lives in the prometheus-client registry.
+:class:`Count` objects (like the xDS-proxy counters); the duration histogram is in
+milliseconds, with Istio's power-of-two buckets.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Histogram
-
-from xdsfast.metrics import PREFIX, Count, Gauge, Metrics
+from xdsfast.metrics import PREFIX, Count, Gauge, Histogram, Metrics
 
 CONVERSION_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 ms .. 16384 ms, Istio's
 
@@ -45,15 +43,14 @@ class WasmMetrics:
         self.conversion_duration = Histogram(
             p + "config_conversion_duration",
             "Time to convert the Wasm configs of one ECDS response, in milliseconds.",
-            buckets=CONVERSION_BUCKETS,
-            registry=metrics.registry,
+            CONVERSION_BUCKETS,
         )
-        metrics.exact.extend(
-            [
-                self.cache_entries,
-                self.cache_lookups,
-                self.remote_fetches,
-                self.conversions,
-                self.unsupported,
-            ]
-        )
+        for metric in (
+            self.cache_entries,
+            self.cache_lookups,
+            self.remote_fetches,
+            self.conversions,
+            self.unsupported,
+            self.conversion_duration,
+        ):
+            metrics.register(metric)
