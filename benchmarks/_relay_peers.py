@@ -6,9 +6,12 @@ relay's cost, not the peers' fight for one GIL:
 * ``controlplane``: a raw-bytes ADS server.  It sends pre-serialized responses
   (the body is serialized once; version and nonce are appended as trailing
   fields, which protobuf's last-one-wins rule makes valid), so it never encodes
-  or decodes on the hot path.
+  or decodes on the hot path.  With ``--tls-dir`` it also serves TLS (h2 ALPN,
+  as istiod's 15012) on a second port, with a throw-away CA and server
+  certificate it writes there (``root-cert.pem`` is what clients trust).
 * ``client``: an Envoy-like raw-bytes ADS client: an initial request with a
-  node, then an ACK per response (nonce read with xdsfast's compiled peeker).
+  node, then an ACK per response (nonce read with xdsfast's compiled peeker);
+  plaintext, or TLS when the command names a root CA (the ``direct-tls`` row).
 * ``naive``: the baseline relay, a grpc.aio proxy that decodes and re-encodes
   every message with xds-protos' classes, as a proto-codec proxy does; with
   ``--raw`` the same loops without the codec (the floor for a grpc.aio relay).
@@ -31,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,8 +49,12 @@ from xdsfast import wire
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-STORM, SMALL = "storm", "small"
-TYPE_OF = {STORM: CDS, SMALL: EDS}
+STORM, SMALL, BIG = "storm", "small", "big"
+TYPE_OF = {STORM: CDS, SMALL: EDS, BIG: CDS}
+BIG_BYTES = 20_000_000  # the big push: one CDS response of about this size
+# What istiod's certificate names (Istio's default ISTIOD_SAN) besides localhost/127.0.0.1.
+TLS_SERVER_NAME = "istiod.istio-system.svc"
+ROOT_CERT = "root-cert.pem"
 STORM_VARIANTS = 8  # distinct pre-built storm pushes, sent round-robin (nonces differ in a row)
 SMALL_VARIANTS = 256  # distinct EDS bodies; each send gets a fresh version and nonce
 
@@ -145,6 +153,15 @@ class Flavour:
         return wire.peek_request(data).response_nonce
 
 
+def repeated_body(body: bytes, size: int) -> bytes:
+    """``body`` repeated to about ``size`` bytes: still one valid response.
+
+    A body is only repeated fields (resources) and one singular field (type_url,
+    the same each time, so last-one-wins keeps it); one allocation, no list of parts.
+    """
+    return body * max(1, round(size / len(body)))
+
+
 def sidecar_node() -> base_pb2.Node:
     """A node shaped like an Istio sidecar's (id, cluster, a few metadata keys)."""
     metadata = struct_pb2.Struct()
@@ -203,6 +220,81 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
+# ----- TLS -----------------------------------------------------------------------------
+
+
+def write_tls_files(directory: Path) -> tuple[bytes, bytes]:
+    """A throw-away CA and a server certificate for istiod's name, localhost and 127.0.0.1.
+
+    Writes the CA to ``directory/root-cert.pem`` (what xdsfast's XDS_ROOT_CA and the
+    direct-tls client trust) and the key and certificate next to it (for the logs);
+    returns (key, certificate chain) as PEM for the server.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay-bench root")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(TLS_SERVER_NAME), x509.DNSName("localhost")]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "istiod")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cert_pem = leaf.public_bytes(pem)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ROOT_CERT).write_bytes(ca.public_bytes(pem))
+    (directory / "server-cert.pem").write_bytes(cert_pem)
+    key_path = directory / "server-key.pem"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key_pem)
+    return key_pem, cert_pem
+
+
 # ----- control plane ------------------------------------------------------------------
 
 
@@ -222,20 +314,31 @@ class ControlPlane:
         self.plan: Plan | None = None
         self._storm: dict[bool, list[bytes]] = {}
         self._small: dict[bool, list[bytes]] = {}
-        self._clusters: list[tuple[str, Any]] | None = None
+        self._big: dict[bool, list[bytes]] = {}
+        self._cds_body: dict[bool, bytes] = {}
+
+    def cds_body(self, flavour: Flavour) -> bytes:
+        """The storm's CDS body (4000 Istio-like clusters, ~5 MB), built once per flavour."""
+        if flavour.delta not in self._cds_body:
+            from xdsfast.demo import mesh
+
+            clusters = list(mesh.big_cds(4000).items())
+            self._cds_body[flavour.delta] = flavour.body(CDS, clusters)
+        return self._cds_body[flavour.delta]
 
     def prepare(self, plan: Plan) -> dict[str, Any]:
         """Build (once per flavour) the payloads a plan needs, outside any timing."""
         flavour = plan.flavour
         if plan.workload == STORM:
             if flavour.delta not in self._storm:
-                if self._clusters is None:
-                    from xdsfast.demo import mesh
-
-                    self._clusters = list(mesh.big_cds(4000).items())
-                body = flavour.body(CDS, self._clusters)
+                body = self.cds_body(flavour)
                 self._storm[flavour.delta] = [flavour.stamp(body, i) for i in range(STORM_VARIANTS)]
             size = len(self._storm[flavour.delta][0])
+        elif plan.workload == BIG:
+            # The storm's clusters 4 times over (~20 MB); stamped at each send, not kept twice.
+            if flavour.delta not in self._big:
+                self._big[flavour.delta] = [repeated_body(self.cds_body(flavour), BIG_BYTES)]
+            size = len(flavour.stamp(self._big[flavour.delta][0], 0))
         else:
             if flavour.delta not in self._small:
                 from xdsfast.demo import mesh
@@ -258,7 +361,7 @@ class ControlPlane:
         if plan is None:
             emit("error", message="a stream arrived with no workload planned")
             return
-        run = self._storm_run if plan.workload == STORM else self._small_run
+        run = self._storm_run if plan.workload == STORM else self._acked_run
         try:
             await run(plan, context)
         except asyncio.CancelledError:
@@ -307,10 +410,10 @@ class ControlPlane:
             cpu=cpu_seconds() - cpu0,
         )
 
-    async def _small_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
-        """``count`` request/response/ACK round trips, each timed from send to ACK."""
+    async def _acked_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
+        """``count`` response/ACK round trips (small or big), each timed from send to ACK."""
         flavour = plan.flavour
-        bodies = self._small[flavour.delta]
+        bodies = (self._small if plan.workload == SMALL else self._big)[flavour.delta]
         stamp, peek_nonce = flavour.stamp, flavour.peek_nonce
         read, write, clock = context.read, context.write, time.perf_counter
         rtts: list[float] = []
@@ -345,7 +448,7 @@ class ControlPlane:
         )
 
 
-async def run_controlplane(host: str) -> None:
+async def run_controlplane(host: str, tls_dir: str | None) -> None:
     cp = ControlPlane()
     handlers = grpc.method_handlers_generic_handler(
         SERVICE,
@@ -356,9 +459,20 @@ async def run_controlplane(host: str) -> None:
     )
     server = aio.server(handlers=[handlers], options=SERVER_OPTIONS)
     port = server.add_insecure_port(f"{host}:0")
+    tls: dict[str, Any] = {}
+    if tls_dir:
+        try:
+            key, chain = write_tls_files(Path(tls_dir))
+        except ImportError as exc:
+            emit("error", message=f"TLS rows need the cryptography package ({exc})")
+            return
+        credentials = grpc.ssl_server_credentials([(key, chain)])  # gRPC offers ALPN h2
+        tls_port = server.add_secure_port(f"{host}:0", credentials)
+        tls = {"tls_port": tls_port, "root_ca": str(Path(tls_dir) / ROOT_CERT)}
+        tls["server_name"] = TLS_SERVER_NAME
     await server.start()
     commands = stdin_commands(asyncio.get_running_loop())
-    emit("ready", port=port)
+    emit("ready", port=port, **tls)
     try:
         while (command := await commands.get()) is not None:
             plan = Plan(command["workload"], int(command["count"]), Flavour(command["delta"]))
@@ -370,12 +484,22 @@ async def run_controlplane(host: str) -> None:
 # ----- client -------------------------------------------------------------------------
 
 
+def client_channel(target: str, tls: dict[str, str] | None) -> aio.Channel:
+    """Plaintext, or TLS trusting ``tls["root_ca"]`` and checking ``tls["server_name"]``."""
+    if not tls:
+        return aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(Path(tls["root_ca"]).read_bytes())
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls["server_name"])]
+    return aio.secure_channel(target, credentials, options=options)
+
+
 async def client_run(
     target: str,
     workload: str,
     count: int,
     flavour: Flavour,
     commands: asyncio.Queue[dict[str, Any] | None],
+    tls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Open a stream like Envoy, read ``count`` responses and ACK each one.
 
@@ -384,7 +508,7 @@ async def client_run(
     Envoy half-closes, as Istio's agent does, and Envoy never half-closes anyway.
     """
     type_url = TYPE_OF[workload]
-    async with aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+    async with client_channel(target, tls) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         method = channel.stream_stream(
             flavour.method, request_serializer=None, response_deserializer=None
@@ -405,6 +529,7 @@ async def client_run(
                 t_first = time.monotonic()
             received += len(data)
             version, nonce = peek(data)
+            del data  # a big push is not held while the next one arrives
             await write(ack(type_url, version, nonce))
         t_last = time.monotonic()
         cpu = cpu_seconds() - cpu0
@@ -428,6 +553,7 @@ async def run_client() -> None:
                 int(command["count"]),
                 Flavour(command["delta"]),
                 commands,
+                command.get("tls"),
             )
         except Exception as exc:  # report it: the orchestrator decides what to do
             emit("error", message=f"{type(exc).__name__}: {exc}")
@@ -533,6 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     cp = sub.add_parser("controlplane")
     cp.add_argument("--host", default="127.0.0.1")
+    cp.add_argument("--tls-dir", help="also serve TLS, with a throw-away PKI written here")
     sub.add_parser("client")
     naive = sub.add_parser("naive")
     naive.add_argument("--upstream", required=True, help="control plane HOST:PORT")
@@ -541,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator alone handles Ctrl-C
     mains: dict[str, Callable[[], Any]] = {
-        "controlplane": lambda: run_controlplane(args.host),
+        "controlplane": lambda: run_controlplane(args.host, args.tls_dir),
         "client": run_client,
         "naive": lambda: run_naive(args.upstream, args.socket, not args.raw),
     }

@@ -11,26 +11,45 @@ ratios against direct, which are what to read on a noisy shared machine:
 * ``bare``        (opt-in, ``--only``) the naive relay's loops on raw bytes: the floor for
                   any grpc.aio relay, to tell the relay's own overhead from gRPC's
 
+Opt-in (``--only``) TLS rows: the control plane also serves TLS (h2 ALPN) with a
+throw-away CA and server certificate made at run time, as istiod's port 15012:
+
+* ``xdsfast-fast-tls`` / ``xdsfast-tls``  ``xdsfast run`` (fast / grpcio engine) dialing
+                  the control plane over TLS (XDS_ROOT_CA, ISTIOD_SAN; no client cert)
+* ``direct-tls``  client -> control plane over TLS: the baseline of the relay TLS rows
+                  when it runs (same number of TLS hops); without it they are
+                  compared with plaintext ``direct``.  ``direct-tls`` itself is
+                  compared with ``direct`` (the cost of TLS alone)
+
 Workloads (SotW, or delta with ``--delta``):
 
 * push storm: N x ~5 MB CDS responses (4000 Istio-like clusters) sent back to back,
   each read and ACKed by the client; timed from the control plane's first write
   to the client's last read (CLOCK_MONOTONIC is shared by all processes).
 * small updates: N EDS responses of ~400 B, each ACKed before the next is sent;
-  the control plane times every response -> ACK round trip.
+  the control plane times every response -> ACK round trip.  "Added latency"
+  is the relay's p50 minus its baseline's p50 (round by round, then the median):
+  that round trip crosses the relay twice (response down, ACK up), the issue's
+  "added latency, request -> response, p50 <= 50 us" target.
+* big push (opt-in, ``--big N``): N x ~20 MB CDS responses, each ACKed before the
+  next; the relay's peak RSS over its RSS just before, which should track the
+  largest in-flight message, not the push rate.
 
 Control plane, client and relays are separate uvloop processes (``_relay_peers.py``),
 so the relay's cost is what the ratios show.  Relay CPU comes from psutil; peak RSS
 from the kernel's VmHWM (reset before each workload).  Each round restarts the
 relays and interleaves the arrangements, so ratios are taken round by round.
 
-    python benchmarks/relay_bench.py [--quick] [--delta] [--rounds N] [--json out.json]
+    python benchmarks/relay_bench.py [--quick] [--delta] [--rounds N] [--only a,b,...]
+                                     [--big N] [--json out.json] [--png chart.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -42,21 +61,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
 PEERS = Path(__file__).with_name("_relay_peers.py")
-ARRANGEMENTS = ("direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare")
+ARRANGEMENTS = (
+    "direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare",
+    "direct-tls", "xdsfast-tls", "xdsfast-fast-tls",
+)  # fmt: skip
 DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
+TLS_SUFFIX = "-tls"
 READY_TIMEOUT = 30.0
+MATPLOTLIB_HINT = "pip install matplotlib, or the project's bench extra"
 XDSFAST_READY = "xDS proxy serving"
-# Environment that would change what `xdsfast run` does (DNS proxy, headers, core).
-_STRIP_ENV = ("ISTIO_", "PROXY_CONFIG", "XDS_HEADER_", "XDSFAST_", "GRPC_")
+# Environment that would change what `xdsfast run` does (DNS proxy, headers, core, TLS).
+_STRIP_ENV = (
+    "ISTIO_", "ISTIOD_", "PROXY_CONFIG", "XDS_", "XDSFAST_", "GRPC_", "PROV_CERT",
+    "FILE_MOUNTED_CERTS", "PILOT_CERT_PROVIDER",
+)  # fmt: skip
 
 
 class BenchError(RuntimeError):
@@ -290,6 +318,13 @@ def rss(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
+def baseline(name: str, names: Collection[str]) -> str:
+    """What a row is compared with: ``direct``; a relay TLS row ``direct-tls`` if it ran."""
+    if name.endswith(TLS_SUFFIX) and name != "direct-tls" and "direct-tls" in names:
+        return "direct-tls"
+    return "direct"
+
+
 # ----- the run -------------------------------------------------------------------------------
 
 
@@ -303,6 +338,11 @@ class Settings:
     rounds: int
     arrangements: tuple[str, ...]
     relay_env: dict[str, str] = field(default_factory=dict)
+    big: int = 0  # ~20 MB pushes, for the relay's peak RSS (opt-in)
+
+    @property
+    def tls(self) -> bool:
+        return any(name.endswith(TLS_SUFFIX) for name in self.arrangements)
 
 
 @dataclass
@@ -314,6 +354,7 @@ class Relay:
     child: Child | None = None
     idle_rss: int | None = None
     core: str | None = None
+    tls: dict[str, str] | None = None  # the client's TLS settings (direct-tls only)
 
 
 @dataclass
@@ -322,6 +363,7 @@ class Results:
 
     storm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     small: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    big: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     idle_rss: dict[str, list[int]] = field(default_factory=dict)
     cores: dict[str, str] = field(default_factory=dict)
 
@@ -333,20 +375,30 @@ class Bench:
         self.s = settings
         self.children = children
         self.tmp = tmp
+        tls_dir = ["--tls-dir", str(tmp / "pki")] if settings.tls else []
         self.cp = children.start(
-            "controlplane", [sys.executable, str(PEERS), "controlplane"], env=clean_env()
+            "controlplane", [sys.executable, str(PEERS), "controlplane", *tls_dir], env=clean_env()
         )
         self.client = children.start(
             "client", [sys.executable, str(PEERS), "client"], env=clean_env()
         )
-        self.port = int(self.cp.expect("ready", READY_TIMEOUT)["port"])
+        ready = self.cp.expect("ready", READY_TIMEOUT)
+        self.port = int(ready["port"])
         self.client.expect("ready", READY_TIMEOUT)
         self.upstream = f"127.0.0.1:{self.port}"
+        # TLS (when a -tls row runs): the address, the CA file and the name to check.
+        self.tls_upstream = f"127.0.0.1:{ready['tls_port']}" if "tls_port" in ready else None
+        self.tls: dict[str, str] = {k: ready[k] for k in ("root_ca", "server_name") if k in ready}
 
     def start(self, name: str) -> Relay:
         """Start one arrangement's relay and wait until it serves."""
         if name == "direct":
             return Relay(name, self.upstream)
+        tls = name.endswith(TLS_SUFFIX)
+        if tls and self.tls_upstream is None:
+            raise BenchError(f"{name}: the control plane serves no TLS port")
+        if name == "direct-tls":
+            return Relay(name, str(self.tls_upstream), tls=self.tls)
         sock = self.tmp / name / "XDS"
         sock.parent.mkdir(exist_ok=True)
         if name in ("naive", "bare"):
@@ -369,10 +421,16 @@ class Bench:
         else:
             env = clean_env(**self.s.relay_env)
             # Each row names its engine; the others keep the default unless --relay-env says.
-            if name == "xdsfast-fast":
+            if name in ("xdsfast-fast", "xdsfast-fast-tls"):
                 env["XDSFAST_ENGINE"] = "fast"
             elif "XDSFAST_ENGINE" not in self.s.relay_env:
                 env["XDSFAST_ENGINE"] = "grpcio"
+            if tls:  # as a pod: istiod's root CA and the name its certificate carries
+                env["XDS_ROOT_CA"] = self.tls["root_ca"]
+                env["ISTIOD_SAN"] = self.tls["server_name"]
+                upstream = ["--discovery-address", str(self.tls_upstream)]
+            else:
+                upstream = ["--plaintext", "--discovery-address", self.upstream]
             if name == "xdsfast-py":
                 env["XDSFAST_NO_EXTENSIONS"] = "1"
             core = xdsfast_core(env)
@@ -382,8 +440,8 @@ class Bench:
             child = self.children.start(
                 name,
                 [
-                    sys.executable, "-m", "xdsfast", "run", "--plaintext",
-                    "--discovery-address", self.upstream, "--xds-socket", str(sock),
+                    sys.executable, "-m", "xdsfast", "run", *upstream,
+                    "--xds-socket", str(sock), "--token-path", str(self.tmp / "no-token"),
                     "--no-dns", "--status-address", "127.0.0.1:0", "--log-level", "info",
                 ],
                 env=env,
@@ -397,21 +455,23 @@ class Bench:
         delta = self.s.delta
         self.cp.send({"workload": workload, "count": count, "delta": delta})
         planned = self.cp.expect("planned", 120)
-        per_message = 1.0 if workload == "storm" else 0.02
+        per_message = {"storm": 1.0, "big": 5.0}.get(workload, 0.02)
         timeout = 60 + count * per_message
         pid = relay.child.pid if relay.child else None
+        rss_before = rss(pid) if pid else None
         cpu0 = cpu_seconds(pid) if pid else 0.0
         peak = PeakRss(pid) if pid else None
+        command = {
+            "op": "run",
+            "target": relay.target,
+            "workload": workload,
+            "count": count,
+            "delta": delta,
+        }
+        if relay.tls:
+            command["tls"] = relay.tls
         with peak or contextlib.nullcontext():
-            self.client.send(
-                {
-                    "op": "run",
-                    "target": relay.target,
-                    "workload": workload,
-                    "count": count,
-                    "delta": delta,
-                }
-            )
+            self.client.send(command)
             cl = self.client.expect("received", timeout)
             cp = self.cp.expect("done", timeout)
         self.client.send({"op": "close"})
@@ -421,7 +481,7 @@ class Bench:
         if pid and peak:
             out["relay_cpu"] = cpu_seconds(pid) - cpu0
             out["peak_rss"], out["peak_rss_exact"] = peak.peak, peak.exact
-            out["rss_after"] = rss(pid)
+            out["rss_before"], out["rss_after"] = rss_before, rss(pid)
         if workload == "storm":
             wall = cl["t_last"] - cp["t_start"]  # CLOCK_MONOTONIC is system-wide on Linux
             out.update(
@@ -443,10 +503,13 @@ class Bench:
                 results.idle_rss.setdefault(name, []).append(relay.idle_rss)
             if relay.core:
                 results.cores[name] = relay.core
-            # Warm-up, not measured: first-use costs (imports, arenas, code paths).
-            self.run(relay, "storm", 2)
+            # Warm-up, not measured: first-use costs (imports, arenas, code paths).  No big
+            # warm-up: the big push's peak RSS is to be measured from where the others left it.
+            if self.s.storm:
+                self.run(relay, "storm", 2)
             self.run(relay, "small", 200)
-            for workload, count in (("storm", self.s.storm), ("small", self.s.small)):
+            workloads = (("storm", self.s.storm), ("small", self.s.small), ("big", self.s.big))
+            for workload, count in workloads:
                 if count:
                     result = self.run(relay, workload, count)
                     getattr(results, workload).setdefault(name, []).append(result)
@@ -460,7 +523,7 @@ def progress(name: str, workload: str, r: dict[str, Any]) -> None:
     """One line per measurement on stderr, so a long run shows signs of life."""
     cpu = f", relay cpu {r['relay_cpu']:.2f}s" if "relay_cpu" in r else ""
     print(
-        f"  {name:<11} {workload:<6} {r['count']:>6} msgs in {r['wall']:6.2f}s "
+        f"  {name:<16} {workload:<6} {r['count']:>6} msgs in {r['wall']:6.2f}s "
         f"({r['rate']:8.1f}/s{cpu})",
         file=sys.stderr,
         flush=True,
@@ -517,13 +580,16 @@ def _median(values: list[float]) -> float:
 def summarize(results: Results, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Medians over rounds; peak RSS is the max.
 
-    The ratio against direct is taken round by round (rounds interleave the
-    arrangements, so slow drift on a shared machine cancels) and its range kept.
+    The ratio against the row's baseline (``direct``, or ``direct-tls`` for the relay
+    TLS rows when it ran: :func:`baseline`) is taken round by round (rounds interleave
+    the arrangements, so slow drift on a shared machine cancels) and its range kept;
+    so is the added p50 latency of the small updates (relay p50 - baseline p50).
     """
     summary: dict[str, dict[str, Any]] = {}
     for name in names:
-        row: dict[str, Any] = {"core": results.cores.get(name)}
-        for workload in ("storm", "small"):
+        base_name = baseline(name, names)
+        row: dict[str, Any] = {"core": results.cores.get(name), "baseline": base_name}
+        for workload in ("storm", "small", "big"):
             runs: list[dict[str, Any]] = getattr(results, workload).get(name, [])
             if not runs:
                 continue
@@ -534,12 +600,18 @@ def summarize(results: Results, names: tuple[str, ...]) -> dict[str, dict[str, A
             agg["count"], agg["message_bytes"] = runs[0]["count"], runs[0]["message_bytes"]
             if "peak_rss" in runs[0]:
                 agg["peak_rss"] = max(r["peak_rss"] for r in runs)
-            base: list[dict[str, Any]] = getattr(results, workload).get("direct", [])
-            if len(base) == len(runs):
+                agg["peak_over_before"] = max(r["peak_rss"] - r["rss_before"] for r in runs)
+            base: list[dict[str, Any]] = getattr(results, workload).get(base_name, [])
+            if len(base) == len(runs) and base_name != name:
                 ratios = [r["rate"] / b["rate"] for r, b in zip(runs, base, strict=True)]
                 agg["ratio"], agg["ratio_min"], agg["ratio_max"] = (
                     _median(ratios), min(ratios), max(ratios),
                 )  # fmt: skip
+                if workload == "small":
+                    added = [r["p50"] - b["p50"] for r, b in zip(runs, base, strict=True)]
+                    agg["added_p50"] = _median(added)
+            elif base_name == name:
+                agg["ratio"] = agg["ratio_min"] = agg["ratio_max"] = 1.0
             row[workload] = agg
         if name in results.idle_rss:
             row["idle_rss"] = _median([float(v) for v in results.idle_rss[name]])
@@ -556,12 +628,13 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
     lines: list[str] = []
     flavour = "delta ADS" if s.delta else "SotW ADS"
     spread = s.rounds > 1
+    w = max([14, *(len(name) + 2 for name in summary)])  # the arrangement column
 
     def ratio(agg: dict[str, Any], name: str) -> str:
         if "ratio" not in agg:
             return f"{'n/a':>11}" + (f"{'':>12}" if spread else "")
         text = f"{agg['ratio']:>10.2f}x"
-        if spread and name == "direct":
+        if spread and summary[name].get("baseline", "direct") == name:
             text += f"{'':>12}"
         elif spread:
             text += f"{agg['ratio_min']:>7.2f}-{agg['ratio_max']:.2f}"
@@ -578,14 +651,14 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             f"push storm: {s.storm} x {size / 1e6:.2f} MB CDS ({flavour}), each read and ACKed"
         )
         lines.append(
-            f"{'arrangement':<14}{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
+            f"{'arrangement':<{w}}{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
             f"{'relay CPU ms/push':>19}{'RSS MB: idle':>14}{'peak':>6}{'after':>7}"
         )
         for name, row in storm_rows:
             st = row["storm"]
             cpu = st.get("relay_cpu")
             lines.append(
-                f"{name:<14}{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}"
+                f"{name:<{w}}{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}"
                 f"{ratio(st, name)}"
                 f"{_fmt(cpu and cpu / st['count'] * 1e3, '.2f'):>19}"
                 f"{mib(row.get('idle_rss')):>14}{mib(st.get('peak_rss')):>6}"
@@ -601,23 +674,53 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             "response -> ACK before the next (latency as the control plane sees it)"
         )
         lines.append(
-            f"{'arrangement':<14}{'wall s':>8}{'updates/s':>11}{ratio_head}"
-            f"{'p50 us':>9}{'p99 us':>9}{'relay CPU us/update':>21}"
+            f"{'arrangement':<{w}}{'wall s':>8}{'updates/s':>11}{ratio_head}"
+            f"{'p50 us':>9}{'p99 us':>9}{'added p50 us':>14}{'relay CPU us/update':>21}"
         )
         for name, row in small_rows:
             sm = row["small"]
             cpu = sm.get("relay_cpu")
+            added = sm.get("added_p50")
             lines.append(
-                f"{name:<14}{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
+                f"{name:<{w}}{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
                 f"{sm['p50'] * 1e6:>9.0f}{sm['p99'] * 1e6:>9.0f}"
+                f"{_fmt(added and added * 1e6, '+.0f', '-'):>14}"
                 f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
             )
+    big_rows = [(n, r) for n, r in summary.items() if "big" in r]
+    if big_rows:
+        size = big_rows[0][1]["big"]["message_bytes"]
+        if lines:
+            lines.append("")
+        lines.append(
+            f"big push: {s.big} x {size / 1e6:.1f} MB CDS ({flavour}), each ACKed before the "
+            "next; relay peak RSS over its RSS just before (max over rounds)"
+        )
+        lines.append(
+            f"{'arrangement':<{w}}{'wall s':>8}{'p50 ms':>8}{'relay CPU ms/push':>19}"
+            f"{'RSS MB: before':>16}{'peak':>6}{'peak-before':>13}{'/ message':>11}"
+        )
+        for name, row in big_rows:
+            bg = row["big"]
+            cpu = bg.get("relay_cpu")
+            over = bg.get("peak_over_before")
+            lines.append(
+                f"{name:<{w}}{bg['wall']:>8.2f}{bg['p50'] * 1e3:>8.1f}"
+                f"{_fmt(cpu and cpu / bg['count'] * 1e3, '.1f'):>19}"
+                f"{mib(bg.get('rss_before')):>16}{mib(bg.get('peak_rss')):>6}"
+                f"{mib(over):>13}{_fmt(over and over / size, '.2f') + 'x' if over else 'n/a':>11}"
+            )
+    notes = _footnotes(summary)
+    if notes:
+        lines.append("")
+        for note in notes:
+            lines.extend(textwrap.wrap(note, 100, subsequent_indent="  "))
     peers = [
-        f"  {name:<14}"
+        f"  {name:<{w}}"
         + "".join(
-            f"  {w}: control plane {row[w]['cp_cpu']:.2f}s, client {row[w]['client_cpu']:.2f}s"
-            for w in ("storm", "small")
-            if w in row
+            f"  {wl}: control plane {row[wl]['cp_cpu']:.2f}s, client {row[wl]['client_cpu']:.2f}s"
+            for wl in ("storm", "small", "big")
+            if wl in row
         )
         for name, row in summary.items()
     ]
@@ -631,6 +734,109 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
     return "\n".join(lines)
 
 
+def _footnotes(summary: dict[str, dict[str, Any]]) -> list[str]:
+    notes: list[str] = []
+    if any("small" in row for row in summary.values()):
+        notes.append(
+            "added p50: the row's p50 minus its baseline's, per round, then the median; the "
+            "response -> ACK round trip crosses the relay twice (response down, ACK up): the "
+            'issue\'s "added latency, request -> response, p50 <= 50 us"'
+        )
+    tls_rows = [n for n in summary if n.endswith(TLS_SUFFIX) and n != "direct-tls"]
+    if tls_rows:
+        base = {summary[n].get("baseline") for n in tls_rows}
+        how = (
+            "direct-tls (client -> control plane over TLS: the same TLS hops)"
+            if base == {"direct-tls"}
+            else "plaintext direct: the ratio includes TLS's own cost (add direct-tls to --only)"
+        )
+        notes.append(
+            f"{', '.join(tls_rows)}: TLS to the control plane (self-signed CA, h2 ALPN); "
+            f"'vs direct' and 'added' are against {how}"
+        )
+    return notes
+
+
+def write_png(
+    summary: dict[str, dict[str, Any]], s: Settings, info: dict[str, Any], path: str
+) -> None:
+    """Ratios against direct (storm, small updates) and relay CPU per update, per arrangement.
+
+    matplotlib is imported here, by name: neither the benchmark nor the type check
+    (CI installs the test extra only) needs it.
+    """
+    importlib.import_module("matplotlib").use("Agg")  # files only, no display
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+
+    names = list(summary)
+    sizes = {
+        w: next(summary[n][w]["message_bytes"] for n in names if w in summary[n])
+        for w in ("storm", "small")
+        if any(w in summary[n] for n in names)
+    }
+    panels: list[tuple[str, str, str]] = []
+    if "storm" in sizes:
+        what = f"{s.storm} x {sizes['storm'] / 1e6:.0f} MB CDS"
+        panels.append(("storm", "ratio", f"push storm ({what})\npushes/s vs direct"))
+    if "small" in sizes:
+        what = f"{s.small} x {sizes['small']} B EDS"
+        panels.append(("small", "ratio", f"small updates ({what})\nupdates/s vs direct"))
+        panels.append(("small", "cpu", "relay CPU per update + its ACK\n(µs, lower is better)"))
+    if not panels:
+        raise BenchError("no storm or small-update results to chart")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
+    colours, relays = {}, 0
+    for name in names:  # the baselines grey, every relay its own colour in every panel
+        if name.startswith("direct"):
+            colours[name] = "0.55" if name == "direct" else "0.75"
+        else:
+            colours[name], relays = f"C{relays % 10}", relays + 1
+    for ax, (workload, kind, title) in zip(axes[0], panels, strict=True):
+        labels, values, lows, highs = [], [], [], []
+        for name in names:
+            agg = summary[name].get(workload)
+            if not agg:
+                continue
+            if kind == "ratio" and "ratio" in agg:
+                value, low, high = agg["ratio"], agg["ratio_min"], agg["ratio_max"]
+            elif kind == "cpu" and agg.get("relay_cpu") is not None:
+                value = low = high = agg["relay_cpu"] / agg["count"] * 1e6
+            else:
+                continue
+            labels.append(name)
+            values.append(value)
+            lows.append(value - low)
+            highs.append(high - value)
+        x = list(range(len(labels)))
+        ax.bar(x, values, color=[colours[n] for n in labels])
+        if kind == "ratio":
+            if s.rounds > 1:
+                ax.errorbar(x, values, yerr=[lows, highs], fmt="none", ecolor="black", capsize=4)
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        top = max([v + h for v, h in zip(values, highs, strict=True)], default=1.0)
+        for xi, value, high in zip(x, values, highs, strict=True):  # above the range bar
+            text = f"{value:.2f}x" if kind == "ratio" else f"{value:.0f}"
+            ax.text(xi, value + high + top * 0.02, text, ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, top * 1.15)
+        ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    tls = [n for n in names if n.endswith(TLS_SUFFIX) and n != "direct-tls"]
+    vs_tls = any(summary[n].get("baseline", "direct") != "direct" for n in tls)
+    base = " (TLS rows vs direct-tls)" if vs_tls else ""
+    fig.suptitle(
+        f"xdsfast relay vs direct, {'delta' if s.delta else 'SotW'} ADS{base}; "
+        + (f"{s.rounds} rounds: medians, whiskers the range" if s.rounds > 1 else "1 round")
+        + "\n"
+        f"{info['nproc']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
+        f"Python {info['python']}, load {info['loadavg'][0]:.2f}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----- main --------------------------------------------------------------------------------
 
 
@@ -640,6 +846,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storm", type=int, help="pushes in the storm (default 100; quick 20)")
     p.add_argument("--small", type=int, help="small updates (default 20000; quick 2000)")
     p.add_argument("--delta", action="store_true", help="use DeltaAggregatedResources")
+    p.add_argument(
+        "--big",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N pushes of ~20 MB, each ACKed: the relay's peak RSS over its RSS before "
+        "(default 0: skipped)",
+    )
     p.add_argument(
         "--rounds",
         type=int,
@@ -659,7 +873,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra environment for every relay process, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
     )
     p.add_argument("--json", metavar="PATH", help="also write all results as JSON")
+    p.add_argument(
+        "--png",
+        metavar="PATH",
+        help="also chart the ratios vs direct and the relay CPU per update (needs matplotlib)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with child logs")
+    p.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="run nothing: print the tables (and --png) of an earlier --json run",
+    )
     args = p.parse_args(argv)
     names = tuple(n.strip() for n in args.only.split(",") if n.strip())
     unknown = set(names) - set(ARRANGEMENTS)
@@ -670,6 +894,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"--relay-env wants KEY=VALUE, not {bad[0]!r}")
     return args
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return False
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -703,6 +934,15 @@ def run_bench(settings: Settings, keep_logs: bool = False) -> Results:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.png and not _have("matplotlib"):  # one line, before the run rather than after it
+        print(f"relay_bench: error: --png needs matplotlib ({MATPLOTLIB_HINT})", file=sys.stderr)
+        return 2
+    if args.from_json:
+        payload = json.loads(Path(args.from_json).read_text())
+        saved = dict(payload["settings"], arrangements=tuple(payload["settings"]["arrangements"]))
+        settings = Settings(**saved)
+        report(payload["summary"], settings, payload["machine"], payload["command"], None)
+        return write_chart(args.png, payload["summary"], settings, payload["machine"])
     settings = Settings(
         storm=args.storm if args.storm is not None else (20 if args.quick else 100),
         small=args.small if args.small is not None else (2000 if args.quick else 20000),
@@ -710,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=max(1, args.rounds if args.rounds is not None else (2 if args.quick else 3)),
         arrangements=args.arrangements,
         relay_env=dict(item.split("=", 1) for item in args.relay_env),
+        big=max(0, args.big),
     )
     signal.signal(signal.SIGTERM, _terminate)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -725,6 +966,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     elapsed = time.monotonic() - started
     summary = summarize(results, settings.arrangements)
+    report(summary, settings, info, command, elapsed)
+    if args.json:
+        payload = {
+            "command": command,
+            "machine": info,
+            "settings": settings.__dict__,
+            "elapsed_s": elapsed,
+            "summary": summary,
+            "runs": {
+                "storm": results.storm,
+                "small": results.small,
+                "big": results.big,
+                "idle_rss": results.idle_rss,
+            },
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return write_chart(args.png, summary, settings, info)
+
+
+def report(
+    summary: dict[str, dict[str, Any]],
+    settings: Settings,
+    info: dict[str, Any],
+    command: str,
+    elapsed: float | None,
+) -> None:
+    took = f"; run time {elapsed:.0f}s" if elapsed is not None else ""
     print()
     print(f"command: {command}")
     print(
@@ -733,20 +1001,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
-        f"uvloop {info['uvloop']}; rounds: {settings.rounds} (medians); run time {elapsed:.0f}s"
+        f"uvloop {info['uvloop']}; rounds: {settings.rounds} (medians){took}"
     )
     print()
     print(table(summary, settings))
-    if args.json:
-        payload = {
-            "command": command,
-            "machine": info,
-            "settings": settings.__dict__,
-            "elapsed_s": elapsed,
-            "summary": summary,
-            "runs": {"storm": results.storm, "small": results.small, "idle_rss": results.idle_rss},
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_chart(
+    path: str | None, summary: dict[str, dict[str, Any]], s: Settings, info: dict[str, Any]
+) -> int:
+    """``--png``: the exit status; a missing matplotlib is one line, not a traceback."""
+    if not path:
+        return 0
+    try:
+        write_png(summary, s, info, path)
+    except ImportError as exc:
+        print(f"relay_bench: error: --png needs matplotlib ({exc})", file=sys.stderr)
+        return 1
+    except (BenchError, OSError, ValueError) as exc:
+        print(f"relay_bench: error: --png: {exc}", file=sys.stderr)
+        return 1
+    print(f"chart: {path}")
     return 0
 
 
