@@ -651,6 +651,72 @@ async def run_naive(upstream: str, socket_path: str, decode: bool) -> None:
         await server.stop(0.5)
 
 
+class _Pipe(asyncio.Protocol):
+    """One side of the byte forwarder: what it reads goes to its peer's transport as is."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe | None = None
+        self.early: list[bytes] = []  # read before the peer connected
+        self.dialing: asyncio.Task[None] | None = None  # (downstream side) its upstream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:  # the peer cannot keep up: stop reading its other side
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+async def run_forwarder(upstream: str, socket_path: str) -> None:
+    """The floor for any relay in Python on uvloop: bytes forwarded both ways, no HTTP/2
+    awareness at all (the issue's "plain byte forwarder" row)."""
+    loop = asyncio.get_running_loop()
+    host, _, port = upstream.rpartition(":")
+
+    def accept() -> _Pipe:
+        down = _Pipe()
+
+        async def dial() -> None:
+            _, up = await loop.create_connection(_Pipe, host, int(port))
+            up.peer, down.peer = down, up
+            for side in (down, up):  # what either read while the other was not there yet
+                for chunk in side.early:
+                    side.data_received(chunk)
+                side.early.clear()
+
+        down.dialing = loop.create_task(dial())
+        return down
+
+    server = await loop.create_unix_server(accept, socket_path)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    commands = stdin_commands(loop)
+    closed = asyncio.ensure_future(commands.get())
+    emit("ready")
+    try:
+        await asyncio.wait(
+            [closed, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        server.close()
+
+
 # ----- entry point --------------------------------------------------------------------
 
 
@@ -665,12 +731,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     naive.add_argument("--upstream", required=True, help="control plane HOST:PORT")
     naive.add_argument("--socket", required=True, help="Unix socket to serve on")
     naive.add_argument("--raw", action="store_true", help="no codec: the bare relay")
+    forwarder = sub.add_parser("forwarder")
+    forwarder.add_argument("--upstream", required=True, help="control plane HOST:PORT")
+    forwarder.add_argument("--socket", required=True, help="Unix socket to serve on")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator alone handles Ctrl-C
     mains: dict[str, Callable[[], Any]] = {
         "controlplane": lambda: run_controlplane(args.host, args.tls_dir),
         "client": run_client,
         "naive": lambda: run_naive(args.upstream, args.socket, not args.raw),
+        "forwarder": lambda: run_forwarder(args.upstream, args.socket),
     }
     uvloop.run(mains[args.role]())
     return 0

@@ -10,6 +10,8 @@ ratios against direct, which are what to read on a noisy shared machine:
 * ``naive``       client -> a grpc.aio relay that decodes and re-encodes every message
 * ``bare``        (opt-in, ``--only``) the naive relay's loops on raw bytes: the floor for
                   any grpc.aio relay, to tell the relay's own overhead from gRPC's
+* ``forwarder``   (opt-in) bytes copied between the two sockets by asyncio Protocols on
+                  uvloop, no HTTP/2 awareness: the floor for any relay in Python
 
 Opt-in (``--only``) TLS rows: the control plane also serves TLS (h2 ALPN) with a
 throw-away CA and server certificate made at run time, as istiod's port 15012:
@@ -72,7 +74,7 @@ from typing import IO, Any
 
 PEERS = Path(__file__).with_name("_relay_peers.py")
 ARRANGEMENTS = (
-    "direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare",
+    "direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare", "forwarder",
     "direct-tls", "xdsfast-tls", "xdsfast-fast-tls",
 )  # fmt: skip
 DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
@@ -401,13 +403,14 @@ class Bench:
             return Relay(name, str(self.tls_upstream), tls=self.tls)
         sock = self.tmp / name / "XDS"
         sock.parent.mkdir(exist_ok=True)
-        if name in ("naive", "bare"):
+        if name in ("naive", "bare", "forwarder"):
+            role = "forwarder" if name == "forwarder" else "naive"
             child = self.children.start(
                 name,
                 [
                     sys.executable,
                     str(PEERS),
-                    "naive",
+                    role,
                     "--upstream",
                     self.upstream,
                     "--socket",
@@ -417,7 +420,9 @@ class Bench:
                 env=clean_env(**self.s.relay_env),
             )
             child.expect("ready", READY_TIMEOUT)
-            core = "raw bytes" if name == "bare" else "protobuf " + protobuf_impl()
+            core = {"bare": "raw bytes", "forwarder": "bytes, no HTTP/2"}.get(
+                name, "protobuf " + protobuf_impl()
+            )
         else:
             env = clean_env(**self.s.relay_env)
             # Each row names its engine; the others keep the default unless --relay-env says.

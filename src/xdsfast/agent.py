@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -164,6 +165,9 @@ class Agent:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        # What start-up built lives as long as the process: out of the collector's reach,
+        # full collections stop walking it during pushes (they were ~15% of a storm's CPU).
+        gc.freeze()
         try:
             await stop.wait()
         finally:
