@@ -471,6 +471,22 @@ class Sinking:
                 await asyncio.sleep(0)
 
 
+@contextlib.asynccontextmanager
+async def sinking_stream(path: Path) -> AsyncIterator[tuple[Sinking, Raw]]:
+    """A server with a :class:`Sinking` handler and a raw client whose stream 1 it waits on."""
+    handler = Sinking()
+    srv = engine.FastServer(handler)
+    await srv.start(str(path), None)
+    try:
+        raw = await Raw.open(socket_path(srv))
+        raw.send(raw.headers(1))
+        await asyncio.wait_for(handler.parked.wait(), 5)
+        yield handler, raw
+        raw.close()
+    finally:
+        await srv.stop(0)
+
+
 @given(
     kinds=st.lists(st.sampled_from("TR"), min_size=1, max_size=40),
     cuts=st.lists(st.integers(1, 60), min_size=1, max_size=8),
@@ -486,13 +502,7 @@ def test_the_sink_never_reorders_messages(
     sent = [f"{kind}{i}".encode() * (i % 7 + 1) for i, kind in enumerate(kinds)]
 
     async def scenario() -> list[tuple[str, bytes]]:
-        handler = Sinking()
-        srv = engine.FastServer(handler)
-        await srv.start(str(short_tmp / "s.sock"), None)
-        try:
-            raw = await Raw.open(socket_path(srv))
-            raw.send(raw.headers(1))
-            await asyncio.wait_for(handler.parked.wait(), 5)
+        async with sinking_stream(short_tmp / "s.sock") as (handler, raw):
             payload = b"".join(grpc_message(m) for m in sent)
             pos, i = 0, 0
             while pos < len(payload):  # in pieces, each a DATA frame, yielding in between
@@ -502,12 +512,8 @@ def test_the_sink_never_reorders_messages(
                 await asyncio.sleep(0)
                 pos, i = pos + len(piece), i + 1
             raw.send(frame(engine.DATA, engine.END_STREAM, 1))
-            got = await raw.until(engine.HEADERS)
-            assert got is not None
-            raw.close()
+            assert await raw.until(engine.HEADERS) is not None
             return handler.got
-        finally:
-            await srv.stop(0)
 
     got = asyncio.run(scenario())
     assert [data for _, data in got] == sent
@@ -515,13 +521,7 @@ def test_the_sink_never_reorders_messages(
 
 async def test_the_sink_takes_messages_while_recv_waits(short_tmp: Path) -> None:
     """The synchronous path is taken when it may be: recv() parked, nothing queued."""
-    handler = Sinking()
-    srv = engine.FastServer(handler)
-    await srv.start(str(short_tmp / "t.sock"), None)
-    try:
-        raw = await Raw.open(socket_path(srv))
-        raw.send(raw.headers(1))
-        await asyncio.wait_for(handler.parked.wait(), 5)
+    async with sinking_stream(short_tmp / "t.sock") as (handler, raw):
         raw.send(frame(engine.DATA, 0, 1, grpc_message(b"T-alone")))
         raw.send(frame(engine.PING, 0, 0, b"syncsync"))
         assert await raw.until(engine.PING) is not None  # the server read the DATA before
@@ -529,8 +529,6 @@ async def test_the_sink_takes_messages_while_recv_waits(short_tmp: Path) -> None
         raw.send(frame(engine.DATA, engine.END_STREAM, 1, grpc_message(b"R-last")))
         assert await raw.until(engine.HEADERS) is not None
         assert handler.got == [("sink", b"T-alone"), ("recv", b"R-last")]
-    finally:
-        await srv.stop(0)
 
 
 @given(garbage=st.binary(min_size=1, max_size=400), split=st.integers(1, 50))
