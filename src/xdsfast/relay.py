@@ -7,6 +7,11 @@ Envoy -> istiod goes through an unbounded queue, so reading from Envoy never
 waits on istiod (the backpressure deadlock of istio#39209).  istiod -> Envoy is
 a straight await: a slow Envoy slows reading from istiod (one response in
 flight), memory does not grow.
+
+Where the engine offers it, a sink per direction takes each message inside the
+read callback that completed it, and writes it on at once when nothing is queued
+before it and nothing would wait; anything else (the first LDS request, consumed
+or rewritten types, a full window) takes the pumps' path above, in order.
 """
 
 from __future__ import annotations
