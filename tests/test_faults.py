@@ -35,6 +35,7 @@ from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2, struct_pb2
 from support import MODES, free_port, needs_envoy
 
+from xdsfast import wire
 from xdsfast.demo import mesh
 from xdsfast.demo.backend import Backend, http_get
 from xdsfast.demo.controlplane import (
@@ -535,7 +536,10 @@ async def test_peak_memory_follows_the_largest_message(
         rig.push_route(tag, pad=20 * MB)
         assert await rig.verify(timeout=60) == stream
     peak = rss_bytes(pid, "VmHWM")
-    assert peak - baseline < 30 * MB, (baseline, peak)  # 1.0x measured; 2.0x when kept alive
+    # Compiled: 1.0x measured, 2.0x with the last message kept alive. The pure-Python twin
+    # copies a message once more as it completes it (bytearray -> bytes): 2.0x, and 3.0x.
+    bound = 30 * MB if wire.IMPLEMENTATION == "cython" else 50 * MB
+    assert peak - baseline < bound, (wire.IMPLEMENTATION, baseline, peak)
 
 
 @pytest.mark.slow
