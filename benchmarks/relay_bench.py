@@ -649,72 +649,81 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
         return _fmt(value / mb if value else None, ".0f")
 
     ratio_head = f"{'vs direct':>11}" + (f"{'(range)':>12}" if spread else "")
-    storm_rows = [(n, r) for n, r in summary.items() if "storm" in r]
-    if storm_rows:
-        size = storm_rows[0][1]["storm"]["message_bytes"]
-        lines.append(
-            f"push storm: {s.storm} x {size / 1e6:.2f} MB CDS ({flavour}), each read and ACKed"
-        )
-        lines.append(
-            f"{'arrangement':<{w}}{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
-            f"{'relay CPU ms/push':>19}{'RSS MB: idle':>14}{'peak':>6}{'after':>7}"
-        )
-        for name, row in storm_rows:
-            st = row["storm"]
-            cpu = st.get("relay_cpu")
-            lines.append(
-                f"{name:<{w}}{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}"
-                f"{ratio(st, name)}"
-                f"{_fmt(cpu and cpu / st['count'] * 1e3, '.2f'):>19}"
-                f"{mib(row.get('idle_rss')):>14}{mib(st.get('peak_rss')):>6}"
-                f"{mib(st.get('rss_after')):>7}"
-            )
-    small_rows = [(n, r) for n, r in summary.items() if "small" in r]
-    if small_rows:
-        size = small_rows[0][1]["small"]["message_bytes"]
+
+    def section(
+        workload: str,
+        title: Callable[[int], str],
+        header: str,
+        cells: Callable[[str, dict[str, Any], dict[str, Any], int], str],
+    ) -> None:
+        """One workload's table: a title, a header, a line per arrangement that ran it."""
+        rows = [(name, row) for name, row in summary.items() if workload in row]
+        if not rows:
+            return
+        size = rows[0][1][workload]["message_bytes"]
         if lines:
             lines.append("")
-        lines.append(
+        lines.append(title(size))
+        lines.append(f"{'arrangement':<{w}}{header}")
+        for name, row in rows:
+            lines.append(f"{name:<{w}}{cells(name, row, row[workload], size)}")
+
+    def storm(name: str, row: dict[str, Any], st: dict[str, Any], size: int) -> str:
+        cpu = st.get("relay_cpu")
+        return (
+            f"{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}{ratio(st, name)}"
+            f"{_fmt(cpu and cpu / st['count'] * 1e3, '.2f'):>19}"
+            f"{mib(row.get('idle_rss')):>14}{mib(st.get('peak_rss')):>6}"
+            f"{mib(st.get('rss_after')):>7}"
+        )
+
+    def small(name: str, row: dict[str, Any], sm: dict[str, Any], size: int) -> str:
+        cpu, added = sm.get("relay_cpu"), sm.get("added_p50")
+        return (
+            f"{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
+            f"{sm['p50'] * 1e6:>9.0f}{sm['p99'] * 1e6:>9.0f}"
+            f"{_fmt(added and added * 1e6, '+.0f', '-'):>14}"
+            f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
+        )
+
+    def big(name: str, row: dict[str, Any], bg: dict[str, Any], size: int) -> str:
+        cpu, over = bg.get("relay_cpu"), bg.get("peak_over_before")
+        return (
+            f"{bg['wall']:>8.2f}{bg['p50'] * 1e3:>8.1f}"
+            f"{_fmt(cpu and cpu / bg['count'] * 1e3, '.1f'):>19}"
+            f"{mib(bg.get('rss_before')):>16}{mib(bg.get('peak_rss')):>6}"
+            f"{mib(over):>13}{_fmt(over and over / size, '.2f') + 'x' if over else 'n/a':>11}"
+        )
+
+    section(
+        "storm",
+        lambda size: (
+            f"push storm: {s.storm} x {size / 1e6:.2f} MB CDS ({flavour}), each read and ACKed"
+        ),
+        f"{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}"
+        f"{'relay CPU ms/push':>19}{'RSS MB: idle':>14}{'peak':>6}{'after':>7}",
+        storm,
+    )
+    section(
+        "small",
+        lambda size: (
             f"small updates: {s.small} x ~{size} B EDS ({flavour}), "
             "response -> ACK before the next (latency as the control plane sees it)"
-        )
-        lines.append(
-            f"{'arrangement':<{w}}{'wall s':>8}{'updates/s':>11}{ratio_head}"
-            f"{'p50 us':>9}{'p99 us':>9}{'added p50 us':>14}{'relay CPU us/update':>21}"
-        )
-        for name, row in small_rows:
-            sm = row["small"]
-            cpu = sm.get("relay_cpu")
-            added = sm.get("added_p50")
-            lines.append(
-                f"{name:<{w}}{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
-                f"{sm['p50'] * 1e6:>9.0f}{sm['p99'] * 1e6:>9.0f}"
-                f"{_fmt(added and added * 1e6, '+.0f', '-'):>14}"
-                f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
-            )
-    big_rows = [(n, r) for n, r in summary.items() if "big" in r]
-    if big_rows:
-        size = big_rows[0][1]["big"]["message_bytes"]
-        if lines:
-            lines.append("")
-        lines.append(
-            f"big push: {s.big} x {size / 1e6:.1f} MB CDS ({flavour}), each ACKed before the "
-            "next; relay peak RSS over its RSS just before (max over rounds)"
-        )
-        lines.append(
-            f"{'arrangement':<{w}}{'wall s':>8}{'p50 ms':>8}{'relay CPU ms/push':>19}"
-            f"{'RSS MB: before':>16}{'peak':>6}{'peak-before':>13}{'/ message':>11}"
-        )
-        for name, row in big_rows:
-            bg = row["big"]
-            cpu = bg.get("relay_cpu")
-            over = bg.get("peak_over_before")
-            lines.append(
-                f"{name:<{w}}{bg['wall']:>8.2f}{bg['p50'] * 1e3:>8.1f}"
-                f"{_fmt(cpu and cpu / bg['count'] * 1e3, '.1f'):>19}"
-                f"{mib(bg.get('rss_before')):>16}{mib(bg.get('peak_rss')):>6}"
-                f"{mib(over):>13}{_fmt(over and over / size, '.2f') + 'x' if over else 'n/a':>11}"
-            )
+        ),
+        f"{'wall s':>8}{'updates/s':>11}{ratio_head}"
+        f"{'p50 us':>9}{'p99 us':>9}{'added p50 us':>14}{'relay CPU us/update':>21}",
+        small,
+    )
+    section(
+        "big",
+        lambda size: (
+            f"big push: {s.big} x {size / 1e6:.1f} MB CDS ({flavour}), each ACKed "
+            "before the next; relay peak RSS over its RSS just before (max over rounds)"
+        ),
+        f"{'wall s':>8}{'p50 ms':>8}{'relay CPU ms/push':>19}"
+        f"{'RSS MB: before':>16}{'peak':>6}{'peak-before':>13}{'/ message':>11}",
+        big,
+    )
     notes = _footnotes(summary)
     if notes:
         lines.append("")
