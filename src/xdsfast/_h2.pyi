@@ -1,4 +1,5 @@
-from typing import Union
+from collections.abc import Callable
+from typing import Any, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 Frame = tuple[int, int, int, int, int]
@@ -19,3 +20,59 @@ class Assembler:
     @property
     def pending(self) -> bool: ...
     def feed(self, buf: Buffer, start: int, end: int) -> list[bytes] | None: ...
+
+PREFACE: bytes
+
+def frame_u32(ftype: int, stream_id: int, value: int) -> bytes: ...
+
+class StreamCore:
+    conn: ConnCore
+    id: int
+    assembler: Assembler
+    messages: Any
+    held: int
+    credit: int
+    recv_window: int
+    send_window: int
+    ended: bool
+    closed: bool
+    receiving: bool
+    error: Any
+    sink: Callable[[bytes], bool] | None
+    _waiter: Any
+    def on_payload(self, buf: Buffer, start: int, end: int) -> None: ...
+    def _release(self) -> None: ...
+    def _wake(self) -> None: ...
+    def try_write(self, data: bytes) -> bool: ...
+
+class ConnCore:
+    transport: Any
+    client: bool
+    buf: bytearray
+    data_left: int
+    data_stream: Any
+    data_feed: bool
+    data_end_stream: bool
+    preface_seen: bool
+    settings_seen: bool
+    closed: bool
+    write_paused: bool
+    streams: dict[int, Any]
+    local_window: int
+    peer_initial_window: int
+    peer_max_frame: int
+    send_window: int
+    recv_window: int
+    conn_credit: int
+    recv_frame: int
+    conn_window: int
+    header_block: Any
+    last_read: float
+    _window_waiters: list[Any]
+    def data_received(self, data: bytes) -> None: ...
+    def _receive(self, data: Buffer) -> None: ...
+    def data_start(self, flags: int, sid: int, length: int) -> None: ...
+    def _data_done(self) -> None: ...
+    def credit_stream(self, stream: StreamCore, amount: int) -> None: ...
+    def _flush_conn_credit(self) -> None: ...
+    def write(self, data: bytes) -> None: ...

@@ -10,8 +10,14 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
+from cpython.dict cimport PyDict_GetItem
+from cpython.ref cimport PyObject
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-DEF_SMALL = 4096  # messages up to this size go out as one chunk (header + payload)
+from xdsfast._errors import H2ConnectionError
+
+cdef enum:
+    DEF_SMALL = 4096  # messages up to this size go out as one chunk (header + payload)
 PREALLOC_MAX = 64 << 20  # a message's buffer is allocated whole at its prefix up to this size
 
 
@@ -187,80 +193,529 @@ cdef class Assembler:
 
     def feed(self, buf, Py_ssize_t start, Py_ssize_t end):
         cdef Py_buffer view
-        cdef const uint8_t* p
+        if self.error:
+            return None
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            if end > view.len:
+                end = view.len
+            if start < 0:
+                start = 0
+            return self._feed(<const uint8_t*>view.buf, start, end)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef list _feed(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end):
+        """``feed`` on a buffer already pinned by the caller (``start``/``end`` in range)."""
         cdef Py_ssize_t length, take
         cdef list out = None
         cdef object msg
         if self.error:
             return None
+        while start < end:
+            if self.head_len == 0:
+                if end - start >= 5:
+                    if p[start] == 0:
+                        length = (<Py_ssize_t>p[start + 1] << 24) \
+                            | (<Py_ssize_t>p[start + 2] << 16) \
+                            | (<Py_ssize_t>p[start + 3] << 8) | p[start + 4]
+                        if length <= self.max_len and end - start - 5 >= length:
+                            # the whole message is here: one copy
+                            if out is None:
+                                out = []
+                            out.append(PyBytes_FromStringAndSize(
+                                <const char*>p + start + 5, length))
+                            start += 5 + length
+                            continue
+                    memcpy(self.head, p + start, 5)
+                    self.head_len = 5
+                    start += 5
+                else:
+                    take = end - start
+                    memcpy(self.head, p + start, take)
+                    self.head_len = take
+                    start = end
+                    break
+                if not self._begin(self.head):
+                    self.head_len = 0
+                    break
+            elif self.head_len < 5:
+                take = 5 - self.head_len
+                if take > end - start:
+                    take = end - start
+                memcpy(self.head + self.head_len, p + start, take)
+                self.head_len += take
+                start += take
+                if self.head_len < 5:
+                    break
+                if not self._begin(self.head):
+                    self.head_len = 0
+                    break
+            else:
+                take = self.msg_len - self.msg_pos
+                if take > end - start:
+                    take = end - start
+                if take:
+                    if type(self.msg) is bytes:
+                        memcpy(PyBytes_AS_STRING(self.msg) + self.msg_pos, p + start, take)
+                    else:
+                        PyByteArray_Resize(self.msg, self.msg_pos + take)
+                        memcpy(PyByteArray_AS_STRING(self.msg) + self.msg_pos, p + start,
+                               take)
+                    self.msg_pos += take
+                    start += take
+            if self.head_len == 5 and self.msg_pos == self.msg_len:
+                msg = self.msg
+                if type(msg) is not bytes:
+                    msg = bytes(msg)
+                if out is None:
+                    out = []
+                out.append(msg)
+                self.msg = None
+                self.head_len = 0
+        return out
+
+
+# -- the receive path: frames to messages to the relay's sink, in C --------------------------
+#
+# ``StreamCore`` and ``ConnCore`` hold the state the per-read path touches (windows, the
+# reassembler, the DATA frame being received) and run that path without a Python-level
+# call per frame.  The engine subclasses them (``engines/fast.py``) with everything that
+# is not per read: headers, settings, pings, GOAWAY, errors.  Those the core calls by name
+# (``on_frame``, ``on_end_stream``, ``abort``, ``engine_error``, ``stream_failed``,
+# ``check_not_idle``, ``bad_message``, ``sink_failed``, ``_wake_window``).
+
+cdef enum:
+    _DATA = 0
+    _RST_STREAM = 3
+    _WINDOW_UPDATE = 8
+    _END_STREAM = 0x1
+    _PADDED = 0x8
+    _PROTOCOL_ERROR = 1
+    _FLOW_CONTROL_ERROR = 3
+    _STREAM_CLOSED = 5
+    _FRAME_SIZE_ERROR = 6
+
+cdef Py_ssize_t _MAX_WINDOW = 2147483647
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+
+cdef inline double _monotonic():
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline uint32_t _u31(const uint8_t* p):
+    return ((<uint32_t>(p[0] & 0x7F)) << 24) | (<uint32_t>p[1] << 16) \
+        | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline Py_ssize_t _u24(const uint8_t* p):
+    return (<Py_ssize_t>p[0] << 16) | (<Py_ssize_t>p[1] << 8) | p[2]
+
+
+cdef bytes _frame_u32(int ftype, uint32_t stream_id, uint32_t value):
+    """A frame whose payload is one 32-bit number (WINDOW_UPDATE, RST_STREAM)."""
+    out = PyBytes_FromStringAndSize(NULL, 13)
+    cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
+    _put_header(o, 4, ftype, 0, stream_id)
+    o[9] = (value >> 24) & 0xFF
+    o[10] = (value >> 16) & 0xFF
+    o[11] = (value >> 8) & 0xFF
+    o[12] = value & 0xFF
+    return out
+
+
+def frame_u32(int ftype, uint32_t stream_id, uint32_t value):
+    """A frame whose payload is one 32-bit number (WINDOW_UPDATE, RST_STREAM)."""
+    return _frame_u32(ftype, stream_id, value)
+
+
+cdef inline StreamCore _stream_of(dict streams, uint32_t sid):
+    cdef PyObject* found = PyDict_GetItem(streams, sid)
+    if found == NULL:
+        return None
+    return <StreamCore>found
+
+
+cdef class ConnCore
+
+
+cdef class StreamCore:
+    """One stream's receive state and its one-frame send path."""
+
+    cdef public ConnCore conn
+    cdef public uint32_t id
+    cdef public Assembler assembler
+    cdef public object messages  # deque of complete messages not yet taken by recv()
+    cdef public Py_ssize_t held  # received bytes not yet credited back to the peer
+    cdef public Py_ssize_t credit  # bytes consumed, to credit in a batch
+    cdef public Py_ssize_t recv_window, send_window
+    cdef public bint ended  # the peer ended its side (END_STREAM)
+    cdef public bint closed  # we are done with it (trailers sent / reset / failed)
+    cdef public bint receiving  # recv() waits, with nothing queued
+    cdef public object error  # recv() raises it once messages run out
+    cdef public object sink  # takes messages while recv() waits
+    cdef public object _waiter
+
+    def on_payload(self, buf, Py_ssize_t start, Py_ssize_t end):
+        """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
+        cdef Py_buffer view
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
-            p = <const uint8_t*>view.buf
             if end > view.len:
                 end = view.len
             if start < 0:
                 start = 0
-            while start < end:
-                if self.head_len == 0:
-                    if end - start >= 5:
-                        if p[start] == 0:
-                            length = (<Py_ssize_t>p[start + 1] << 24) \
-                                | (<Py_ssize_t>p[start + 2] << 16) \
-                                | (<Py_ssize_t>p[start + 3] << 8) | p[start + 4]
-                            if length <= self.max_len and end - start - 5 >= length:
-                                # the whole message is here: one copy
-                                if out is None:
-                                    out = []
-                                out.append(PyBytes_FromStringAndSize(
-                                    <const char*>p + start + 5, length))
-                                start += 5 + length
-                                continue
-                        memcpy(self.head, p + start, 5)
-                        self.head_len = 5
-                        start += 5
-                    else:
-                        take = end - start
-                        memcpy(self.head, p + start, take)
-                        self.head_len = take
-                        start = end
-                        break
-                    if not self._begin(self.head):
-                        self.head_len = 0
-                        break
-                elif self.head_len < 5:
-                    take = 5 - self.head_len
-                    if take > end - start:
-                        take = end - start
-                    memcpy(self.head + self.head_len, p + start, take)
-                    self.head_len += take
-                    start += take
-                    if self.head_len < 5:
-                        break
-                    if not self._begin(self.head):
-                        self.head_len = 0
-                        break
-                else:
-                    take = self.msg_len - self.msg_pos
-                    if take > end - start:
-                        take = end - start
-                    if take:
-                        if type(self.msg) is bytes:
-                            memcpy(PyBytes_AS_STRING(self.msg) + self.msg_pos, p + start, take)
-                        else:
-                            PyByteArray_Resize(self.msg, self.msg_pos + take)
-                            memcpy(PyByteArray_AS_STRING(self.msg) + self.msg_pos, p + start,
-                                   take)
-                        self.msg_pos += take
-                        start += take
-                if self.head_len == 5 and self.msg_pos == self.msg_len:
-                    msg = self.msg
-                    if type(msg) is not bytes:
-                        msg = bytes(msg)
-                    if out is None:
-                        out = []
-                    out.append(msg)
-                    self.msg = None
-                    self.head_len = 0
+            self._payload(<const uint8_t*>view.buf, start, end)
         finally:
             PyBuffer_Release(&view)
-        return out
+
+    cdef int _payload(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end) except -1:
+        cdef list messages
+        cdef Assembler assembler = self.assembler
+        if self.error is not None or self.closed:
+            return 0
+        messages = assembler._feed(p, start, end)
+        if messages is not None and self.receiving and self.sink is not None \
+                and not self.messages:
+            messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
+        if messages:
+            self.messages.extend(messages)
+            self._wake()
+        if assembler.error:
+            self.bad_message(assembler.error, assembler.error_length)
+        elif not messages and not self.messages:
+            # A message is being reassembled and nothing waits to be taken: let it come.
+            self._release()
+        return 0
+
+    cdef list _offer(self, list messages):
+        """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
+        cdef Py_ssize_t i
+        for i in range(len(messages)):
+            try:
+                taken = self.sink(messages[i])
+            except Exception as exc:  # a bug in the sink: recv() gets the message instead
+                self.sink = None
+                self.sink_failed(exc)
+                taken = False
+            if not taken:
+                return messages[i:] if i else messages
+        return None
+
+    cpdef _release(self):
+        """Credit everything held (called when the queue is empty)."""
+        if self.held:
+            self.conn.credit_stream(self, self.held)
+            self.held = 0
+
+    cpdef _wake(self):
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    cpdef bint try_write(self, bytes data) except -1:
+        """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""
+        cdef ConnCore conn = self.conn
+        cdef Py_ssize_t size = len(data)
+        cdef Py_ssize_t total = size + 5
+        cdef uint8_t* out
+        if (
+            total <= self.send_window
+            and total <= conn.send_window
+            and total <= conn.peer_max_frame
+            and not conn.write_paused
+            and not self.closed
+            and not conn.closed
+        ):
+            self.send_window -= total
+            conn.send_window -= total
+            if size <= DEF_SMALL:
+                chunk = PyBytes_FromStringAndSize(NULL, 9 + total)
+                out = <uint8_t*>PyBytes_AS_STRING(chunk)
+                _put_header(out, total, _DATA, 0, self.id)
+                _prefix(out + 9, 0, 5, size)
+                memcpy(out + 14, PyBytes_AS_STRING(data), size)
+                conn.transport.write(chunk)
+            else:
+                conn.transport.writelines(data_frames(data, 0, total, self.id, total))
+            return True
+        return False
+
+
+cdef class ConnCore:
+    """One connection's receive state: frames found, DATA fed to streams, windows kept."""
+
+    cdef public object transport
+    cdef public bint client
+    cdef public bytearray buf  # the start of a frame cut by the end of a read
+    cdef public Py_ssize_t data_left  # payload bytes of the DATA frame being received
+    cdef public StreamCore data_stream  # its stream (None: unknown or reset)
+    cdef public bint data_feed  # its payload goes to the stream (else: dropped)
+    cdef public bint data_end_stream  # it carries END_STREAM
+    cdef public bint preface_seen, settings_seen, closed, write_paused
+    cdef public dict streams
+    cdef public Py_ssize_t local_window  # the stream window we advertise
+    cdef public Py_ssize_t peer_initial_window, peer_max_frame
+    cdef public Py_ssize_t send_window, recv_window  # connection level, each way
+    cdef public Py_ssize_t conn_credit  # connection-level bytes consumed, to credit
+    cdef public Py_ssize_t recv_frame  # the largest frame we accept
+    cdef public Py_ssize_t conn_window  # the connection window we keep open
+    cdef public object header_block  # HEADERS awaiting CONTINUATION, or None
+    cdef public double last_read  # time.monotonic() of the last read
+    cdef public list _window_waiters
+
+    def __cinit__(self, *args, **kwargs):
+        self.buf = bytearray()
+        self.streams = {}
+        self._window_waiters = []
+
+    def data_received(self, data):
+        if self.closed:
+            return
+        self.last_read = _monotonic()
+        try:
+            if self.preface_seen:
+                self._receive(data)
+            else:
+                self._receive_preface(data)
+        except H2ConnectionError as exc:
+            self.abort(exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug: never let it escape into the event loop
+            self.engine_error(exc)
+            return
+        if not self.closed and self.conn_credit >= self.conn_window // 4:
+            self._flush_conn_credit()
+
+    cdef int _receive_preface(self, data) except -1:
+        cdef bytearray buf = self.buf
+        cdef Py_ssize_t n = len(PREFACE)
+        buf += data
+        if len(buf) < n:
+            if not PREFACE.startswith(buf):
+                raise H2ConnectionError(_PROTOCOL_ERROR, "bad connection preface")
+            return 0
+        if buf[:n] != PREFACE:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "bad connection preface")
+        self.preface_seen = True
+        rest = bytes(buf[n:])
+        self.buf = bytearray()
+        if rest:
+            self._receive(rest)
+        return 0
+
+    cpdef _receive(self, data):
+        """Frames out of ``data``, read where it lies: only a frame cut by the end of a
+        read is kept in ``self.buf``; a DATA frame's payload goes to its stream as it
+        arrives, however the frame is cut."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._receive_buf(data, <const uint8_t*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _receive_buf(self, object data, const uint8_t* p, Py_ssize_t size) except -1:
+        cdef Py_ssize_t pos = 0, left, stop, length
+        cdef StreamCore stream
+        while pos < size and not self.closed:
+            left = self.data_left
+            if left:  # inside a DATA frame: its payload goes straight to the stream
+                stop = pos + left if left < size - pos else size
+                self.data_left = left - (stop - pos)
+                stream = self.data_stream
+                if stream is not None and self.data_feed:
+                    stream._payload(p, pos, stop)
+                pos = stop
+                if not self.data_left:
+                    self._data_done()
+                continue
+            if len(self.buf):
+                pos = self._fill_pending(p, pos, size)
+                continue
+            while size - pos >= 9:
+                length = _u24(p + pos)
+                if length > self.recv_frame:
+                    raise H2ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if size - pos - 9 < length:
+                    break
+                self._frame(data, p, p[pos + 3], p[pos + 4], _u31(p + pos + 5), pos + 9,
+                            pos + 9 + length)
+                pos += 9 + length
+                if self.closed:
+                    return 0
+            if pos < size:  # a frame cut by the end of this read
+                if size - pos >= 9 and p[pos + 3] == _DATA and not p[pos + 4] & _PADDED:
+                    self.data_start(p[pos + 4], _u31(p + pos + 5), _u24(p + pos))
+                    pos += 9
+                else:
+                    _append(self.buf, p + pos, size - pos)
+                    pos = size
+        return 0
+
+    cdef Py_ssize_t _fill_pending(self, const uint8_t* p, Py_ssize_t pos,
+                                  Py_ssize_t size) except -1:
+        """Complete the frame in ``self.buf`` from ``p[pos:size]``; dispatch it once whole
+        (an unpadded DATA frame starts streaming as soon as its header is whole)."""
+        cdef bytearray buf = self.buf
+        cdef Py_ssize_t have = len(buf), take, length
+        cdef const uint8_t* b
+        cdef int flags
+        if have < 9:
+            take = min(9 - have, size - pos)
+            _append(buf, p + pos, take)
+            pos += take
+            if len(buf) < 9:
+                return pos
+        b = <const uint8_t*>PyByteArray_AS_STRING(buf)
+        length = _u24(b)
+        if length > self.recv_frame:
+            raise H2ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        if len(buf) == 9 and b[3] == _DATA and not b[4] & _PADDED:
+            flags = b[4]
+            sid = _u31(b + 5)
+            PyByteArray_Resize(buf, 0)
+            self.data_start(flags, sid, length)
+            if not length:
+                self._data_done()
+            return pos
+        take = min(9 + length - len(buf), size - pos)
+        _append(buf, p + pos, take)
+        pos += take
+        if len(buf) == 9 + length:
+            self.buf = bytearray()
+            b = <const uint8_t*>PyByteArray_AS_STRING(buf)
+            self._frame(buf, b, b[3], b[4], _u31(b + 5), 9, 9 + length)
+        return pos
+
+    cdef int _frame(self, object data, const uint8_t* p, int ftype, int flags, uint32_t sid,
+                    Py_ssize_t start, Py_ssize_t end) except -1:
+        """One whole frame, ``p[start:end]`` its payload: DATA and WINDOW_UPDATE here,
+        the rest (and their rare cases) in ``on_frame``."""
+        cdef Py_ssize_t length = end - start, increment
+        cdef StreamCore stream
+        if ftype == _DATA and not flags & _PADDED:
+            stream = _stream_of(self.streams, sid)
+            if (
+                stream is not None
+                and length <= self.recv_window
+                and length <= stream.recv_window
+                and stream.error is None
+                and not stream.ended
+                and not stream.closed
+                and self.header_block is None
+            ):  # the common case: a whole frame for a live stream
+                self.recv_window -= length
+                self.conn_credit += length
+                stream.recv_window -= length
+                stream.held += length
+                if length:
+                    stream._payload(p, start, end)
+                if flags & _END_STREAM:
+                    self.on_end_stream(stream)
+                return 0
+            self.data_start(flags, sid, length)
+            self.data_left = 0
+            stream = self.data_stream
+            if stream is not None and self.data_feed and end > start:
+                stream._payload(p, start, end)
+            self._data_done()
+            return 0
+        if ftype == _WINDOW_UPDATE and length == 4 and self.header_block is None \
+                and self.settings_seen:
+            increment = _u31(p + start)
+            if increment:
+                if sid == 0:
+                    if self.send_window + increment <= _MAX_WINDOW:
+                        self.send_window += increment
+                        if self._window_waiters:
+                            self._wake_window()
+                        return 0
+                else:
+                    stream = _stream_of(self.streams, sid)
+                    if stream is not None and stream.send_window + increment <= _MAX_WINDOW:
+                        stream.send_window += increment
+                        if self._window_waiters:
+                            self._wake_window()
+                        return 0
+        view = memoryview(data)
+        try:
+            self.on_frame(view, ftype, flags, sid, start, end)
+        finally:
+            view.release()
+        return 0
+
+    cpdef data_start(self, int flags, uint32_t sid, Py_ssize_t length):
+        """A DATA frame's header: flow control for all of it; its payload follows."""
+        cdef StreamCore stream
+        if self.header_block is not None:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self.settings_seen:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if sid == 0:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "DATA on stream 0")
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise H2ConnectionError(_FLOW_CONTROL_ERROR, "connection window exceeded")
+        self.conn_credit += length
+        self.data_left = length
+        self.data_end_stream = flags & _END_STREAM
+        self.data_feed = False
+        stream = self.data_stream = _stream_of(self.streams, sid)
+        if stream is None:
+            self.check_not_idle(sid, "DATA")
+            self.write(_frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
+            return
+        if stream.ended:
+            self.data_stream = None
+            self.stream_failed(stream, _STREAM_CLOSED, "DATA after END_STREAM")
+            return
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            self.data_stream = None
+            self.stream_failed(stream, _FLOW_CONTROL_ERROR, "flow control error")
+            return
+        if stream.error is not None or stream.closed:  # not wanted any more: credit at once
+            self.credit_stream(stream, length)
+            return
+        stream.held += length
+        self.data_feed = True
+
+    cpdef _data_done(self):
+        """The DATA frame's last byte arrived."""
+        stream = self.data_stream
+        self.data_stream = None
+        if stream is not None and self.data_end_stream:
+            self.on_end_stream(stream)
+
+    cpdef credit_stream(self, StreamCore stream, Py_ssize_t amount):
+        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
+        stream.credit += amount
+        if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
+            self.write(_frame_u32(_WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
+            stream.recv_window += stream.credit
+            stream.credit = 0
+
+    cpdef _flush_conn_credit(self):
+        cdef Py_ssize_t credit = self.conn_credit
+        self.conn_credit = 0
+        self.recv_window += credit
+        self.write(_frame_u32(_WINDOW_UPDATE, 0, <uint32_t>credit))
+
+    cpdef write(self, data):
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+
+cdef inline int _append(bytearray buf, const uint8_t* p, Py_ssize_t n) except -1:
+    cdef Py_ssize_t have = len(buf)
+    if n > 0:
+        PyByteArray_Resize(buf, have + n)
+        memcpy(PyByteArray_AS_STRING(buf) + have, p, n)
+    return 0

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Union
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Union
+
+from xdsfast._errors import H2ConnectionError
+
+if TYPE_CHECKING:
+    import asyncio
 
 _SMALL = 4096
 PREALLOC_MAX = 64 << 20
@@ -43,6 +51,11 @@ def scan_frames(buf: Buffer, pos: int, max_size: int) -> tuple[list[Frame], int,
         frames.append((buf[pos + 3], buf[pos + 4], sid, pos + 9, pos + 9 + length))
         pos += 9 + length
     return frames, pos, -1
+
+
+def frame_u32(ftype: int, stream_id: int, value: int) -> bytes:
+    """A frame whose payload is one 32-bit number (WINDOW_UPDATE, RST_STREAM)."""
+    return frame_header(4, ftype, 0, stream_id) + value.to_bytes(4, "big")
 
 
 def data_frames(
@@ -141,3 +154,381 @@ class Assembler:
                 self._msg = None
                 head.clear()
         return out
+
+
+# -- the receive path (see ``_h2.pyx``: the same state, the same steps) ------------------------
+
+_DATA, _RST_STREAM, _WINDOW_UPDATE = 0, 3, 8
+_END_STREAM, _PADDED = 0x1, 0x8
+_PROTOCOL_ERROR, _FLOW_CONTROL_ERROR, _STREAM_CLOSED, _FRAME_SIZE_ERROR = 1, 3, 5, 6
+_MAX_WINDOW = 2**31 - 1
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class StreamCore:
+    """One stream's receive state and its one-frame send path."""
+
+    __slots__ = (
+        "_waiter",
+        "assembler",
+        "closed",
+        "conn",
+        "credit",
+        "ended",
+        "error",
+        "held",
+        "id",
+        "messages",
+        "receiving",
+        "recv_window",
+        "send_window",
+        "sink",
+    )
+
+    conn: ConnCore
+    id: int
+    assembler: Assembler
+    messages: deque[bytes]
+    held: int
+    credit: int
+    recv_window: int
+    send_window: int
+    ended: bool
+    closed: bool
+    receiving: bool
+    error: Any
+    sink: Callable[[bytes], bool] | None
+    _waiter: asyncio.Future[None] | None
+
+    # Called by name; the engine's subclass defines them.
+    def bad_message(self, error: int, length: int) -> None:
+        raise NotImplementedError
+
+    def sink_failed(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def on_payload(self, buf: Buffer, start: int, end: int) -> None:
+        """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
+        if self.error is not None or self.closed:
+            return
+        assembler = self.assembler
+        messages = assembler.feed(buf, start, end)
+        if messages and self.receiving and self.sink is not None and not self.messages:
+            messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
+        if messages:
+            self.messages.extend(messages)
+            self._wake()
+        if assembler.error:
+            self.bad_message(assembler.error, assembler.error_length)
+        elif not messages and not self.messages:
+            # A message is being reassembled and nothing waits to be taken: let it come.
+            self._release()
+
+    _payload = on_payload
+
+    def _offer(self, messages: list[bytes]) -> list[bytes] | None:
+        """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
+        for i, message in enumerate(messages):
+            try:
+                taken = self.sink(message)  # type: ignore[misc]
+            except Exception as exc:  # a bug in the sink: recv() gets the message instead
+                self.sink = None
+                self.sink_failed(exc)
+                taken = False
+            if not taken:
+                return messages[i:]
+        return None
+
+    def _release(self) -> None:
+        """Credit everything held (called when the queue is empty)."""
+        if self.held:
+            self.conn.credit_stream(self, self.held)
+            self.held = 0
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def try_write(self, data: bytes) -> bool:
+        """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""
+        conn = self.conn
+        total = len(data) + 5
+        if (
+            total <= self.send_window
+            and total <= conn.send_window
+            and total <= conn.peer_max_frame
+            and not conn.write_paused
+            and not self.closed
+            and not conn.closed
+        ):
+            self.send_window -= total
+            conn.send_window -= total
+            conn.transport.writelines(data_frames(data, 0, total, self.id, total))
+            return True
+        return False
+
+
+class ConnCore:
+    """One connection's receive state: frames found, DATA fed to streams, windows kept."""
+
+    transport: Any
+    client: bool
+    data_stream: Any  # the engine's StreamCore subclass, or None
+    header_block: bytearray | None
+    local_window: int
+    peer_initial_window: int
+    peer_max_frame: int
+    send_window: int
+    recv_window: int
+    recv_frame: int
+    conn_window: int
+
+    def __init__(self) -> None:
+        self.transport = None
+        self.client = False
+        self.buf = bytearray()  # the start of a frame cut by the end of a read
+        self.data_left = 0  # payload bytes of the DATA frame being received still to come
+        self.data_stream = None  # its stream (None: unknown or reset)
+        self.data_feed = False  # its payload goes to the stream (else: dropped)
+        self.data_end_stream = False  # it carries END_STREAM
+        self.preface_seen = self.settings_seen = self.closed = self.write_paused = False
+        self.streams: dict[int, Any] = {}  # the engine's StreamCore subclass
+        self.conn_credit = 0  # connection-level bytes consumed, to credit
+        self.header_block = None
+        self.last_read = 0.0
+        self._window_waiters: list[asyncio.Future[None]] = []
+
+    # Called by name; the engine's subclass defines them.
+    def on_frame(
+        self, view: memoryview, ftype: int, flags: int, sid: int, start: int, end: int
+    ) -> None:
+        raise NotImplementedError
+
+    def on_end_stream(self, stream: Any) -> None:
+        raise NotImplementedError
+
+    def abort(self, code: int, why: str) -> None:
+        raise NotImplementedError
+
+    def engine_error(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+    def check_not_idle(self, sid: int, what: str) -> None:
+        raise NotImplementedError
+
+    def stream_failed(self, stream: Any, code: int, why: str) -> None:
+        raise NotImplementedError
+
+    def _wake_window(self) -> None:
+        raise NotImplementedError
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_read = time.monotonic()
+        try:
+            if self.preface_seen:
+                self._receive(data)
+            else:
+                self._receive_preface(data)
+        except H2ConnectionError as exc:
+            self.abort(exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug: never let it escape into the event loop
+            self.engine_error(exc)
+            return
+        if not self.closed and self.conn_credit >= self.conn_window // 4:
+            self._flush_conn_credit()
+
+    def _receive_preface(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if len(buf) < len(PREFACE):
+            if not PREFACE.startswith(buf):
+                raise H2ConnectionError(_PROTOCOL_ERROR, "bad connection preface")
+            return
+        if buf[: len(PREFACE)] != PREFACE:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "bad connection preface")
+        self.preface_seen = True
+        rest = bytes(buf[len(PREFACE) :])
+        self.buf = bytearray()
+        if rest:
+            self._receive(rest)
+
+    def _receive(self, data: Buffer) -> None:
+        """Frames out of ``data``, read where it lies (see ``_h2.pyx``)."""
+        pos, size = 0, len(data)
+        while pos < size and not self.closed:
+            left = self.data_left
+            if left:  # inside a DATA frame: its payload goes straight to the stream
+                stop = pos + left if left < size - pos else size
+                self.data_left = left - (stop - pos)
+                stream = self.data_stream
+                if stream is not None and self.data_feed:
+                    stream.on_payload(data, pos, stop)
+                pos = stop
+                if not self.data_left:
+                    self._data_done()
+                continue
+            if self.buf:
+                pos = self._fill_pending(data, pos, size)
+                continue
+            while size - pos >= 9:
+                length = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+                if length > self.recv_frame:
+                    raise H2ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                if size - pos - 9 < length:
+                    break
+                sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                self._frame(data, data[pos + 3], data[pos + 4], sid, pos + 9, pos + 9 + length)
+                pos += 9 + length
+                if self.closed:
+                    return
+            if pos < size:  # a frame cut by the end of this read
+                if size - pos >= 9 and data[pos + 3] == _DATA and not data[pos + 4] & _PADDED:
+                    length = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+                    sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                    self.data_start(data[pos + 4], sid, length)
+                    pos += 9
+                else:
+                    self.buf += memoryview(data)[pos:]
+                    pos = size
+
+    def _fill_pending(self, data: Buffer, pos: int, size: int) -> int:
+        """Complete the frame in ``self.buf`` from ``data[pos:]``; dispatch it once whole
+        (an unpadded DATA frame starts streaming as soon as its header is whole)."""
+        buf = self.buf
+        have = len(buf)
+        if have < 9:
+            take = min(9 - have, size - pos)
+            buf += memoryview(data)[pos : pos + take]
+            pos += take
+            if len(buf) < 9:
+                return pos
+        length = (buf[0] << 16) | (buf[1] << 8) | buf[2]
+        if length > self.recv_frame:
+            raise H2ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        if len(buf) == 9 and buf[3] == _DATA and not buf[4] & _PADDED:
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            flags = buf[4]
+            buf.clear()
+            self.data_start(flags, sid, length)
+            if not length:
+                self._data_done()
+            return pos
+        take = min(9 + length - len(buf), size - pos)
+        buf += memoryview(data)[pos : pos + take]
+        pos += take
+        if len(buf) == 9 + length:
+            self.buf = bytearray()
+            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            self._frame(buf, buf[3], buf[4], sid, 9, 9 + length)
+        return pos
+
+    def _frame(self, data: Buffer, ftype: int, flags: int, sid: int, start: int, end: int) -> None:
+        """One whole frame, ``data[start:end]`` its payload: DATA and WINDOW_UPDATE here,
+        the rest (and their rare cases) in ``on_frame``."""
+        length = end - start
+        if ftype == _DATA and not flags & _PADDED:
+            stream = self.streams.get(sid)
+            if (
+                stream is not None
+                and length <= self.recv_window
+                and length <= stream.recv_window
+                and stream.error is None
+                and not stream.ended
+                and not stream.closed
+                and self.header_block is None
+            ):  # the common case: a whole frame for a live stream
+                self.recv_window -= length
+                self.conn_credit += length
+                stream.recv_window -= length
+                stream.held += length
+                if length:
+                    stream.on_payload(data, start, end)
+                if flags & _END_STREAM:
+                    self.on_end_stream(stream)
+                return
+            self.data_start(flags, sid, length)
+            self.data_left = 0
+            stream = self.data_stream
+            if stream is not None and self.data_feed and end > start:
+                stream.on_payload(data, start, end)
+            self._data_done()
+            return
+        if ftype == _WINDOW_UPDATE and length == 4 and self.header_block is None:
+            increment = int.from_bytes(data[start:end], "big") & 0x7FFFFFFF
+            if increment and self.settings_seen:
+                target: ConnCore | StreamCore | None = self if sid == 0 else self.streams.get(sid)
+                if target is not None and target.send_window + increment <= _MAX_WINDOW:
+                    target.send_window += increment
+                    if self._window_waiters:
+                        self._wake_window()
+                    return
+        view = memoryview(data)
+        try:
+            self.on_frame(view, ftype, flags, sid, start, end)
+        finally:
+            view.release()
+
+    def data_start(self, flags: int, sid: int, length: int) -> None:
+        """A DATA frame's header: flow control for all of it; its payload follows."""
+        if self.header_block is not None:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self.settings_seen:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if sid == 0:
+            raise H2ConnectionError(_PROTOCOL_ERROR, "DATA on stream 0")
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise H2ConnectionError(_FLOW_CONTROL_ERROR, "connection window exceeded")
+        self.conn_credit += length
+        self.data_left = length
+        self.data_end_stream = bool(flags & _END_STREAM)
+        self.data_feed = False
+        stream = self.data_stream = self.streams.get(sid)
+        if stream is None:
+            self.check_not_idle(sid, "DATA")
+            self.write(frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
+            return
+        if stream.ended:
+            self.data_stream = None
+            self.stream_failed(stream, _STREAM_CLOSED, "DATA after END_STREAM")
+            return
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            self.data_stream = None
+            self.stream_failed(stream, _FLOW_CONTROL_ERROR, "flow control error")
+            return
+        if stream.error is not None or stream.closed:  # not wanted any more: credit at once
+            self.credit_stream(stream, length)
+            return
+        stream.held += length
+        self.data_feed = True
+
+    def _data_done(self) -> None:
+        """The DATA frame's last byte arrived."""
+        stream = self.data_stream
+        self.data_stream = None
+        if stream is not None and self.data_end_stream:
+            self.on_end_stream(stream)
+
+    def credit_stream(self, stream: StreamCore, amount: int) -> None:
+        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
+        stream.credit += amount
+        if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
+            self.write(frame_u32(_WINDOW_UPDATE, stream.id, stream.credit))
+            stream.recv_window += stream.credit
+            stream.credit = 0
+
+    def _flush_conn_credit(self) -> None:
+        credit, self.conn_credit = self.conn_credit, 0
+        self.recv_window += credit
+        self.write(frame_u32(_WINDOW_UPDATE, 0, credit))
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)

@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote
 import hpack
 
 from xdsfast import log
+from xdsfast._errors import H2ConnectionError
 from xdsfast.engines import (
     SERVICE,
     Code,
@@ -101,14 +102,6 @@ _PATHS = {f"/{SERVICE}/{mode.value}".encode(): mode for mode in Mode}
 Chunk = Union[bytes, memoryview]
 
 
-class ConnectionError_(Exception):
-    """A connection-level protocol error: GOAWAY with ``code``."""
-
-    def __init__(self, code: int, why: str) -> None:
-        super().__init__(why)
-        self.code = code
-
-
 def _header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
     return _h2.frame_header(length, ftype, flags, stream_id)
 
@@ -125,83 +118,38 @@ def _percent(message: str) -> bytes:
 # -- streams ---------------------------------------------------------------------------------
 
 
-class _Stream:
-    """One HTTP/2 stream carrying one gRPC call, either side."""
+class _Stream(_h2.StreamCore):
+    """One HTTP/2 stream carrying one gRPC call, either side (its per-read path is in
+    ``_h2.StreamCore``)."""
 
-    __slots__ = (
-        "_waiter",
-        "assembler",
-        "closed",
-        "conn",
-        "credit",
-        "ended",
-        "error",
-        "held",
-        "id",
-        "messages",
-        "receiving",
-        "recv_window",
-        "send_window",
-        "sent_headers",
-        "sink",
-        "status",
-        "task",
-    )
+    __slots__ = ("sent_headers", "status", "task")
+
+    conn: _Connection
 
     def __init__(self, conn: _Connection, stream_id: int, max_recv: int) -> None:
         self.conn = conn
         self.id = stream_id
         self.assembler = _h2.Assembler(max_recv)  # cuts gRPC messages out of DATA payloads
-        self.messages: deque[bytes] = deque()  # complete, not yet taken by recv()
+        self.messages = deque()  # complete, not yet taken by recv()
         self.held = 0  # received bytes not yet credited back to the peer
         self.credit = 0  # bytes the relay has consumed, to credit in a batch
         self.recv_window = conn.local_window
         self.send_window = conn.peer_initial_window
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         self.ended = False  # the peer ended its side (END_STREAM)
         self.closed = False  # we are done with it (trailers sent / reset / failed)
         self.error: StreamError | None = None  # recv() raises it once messages run out
         self.status: Status | None = None  # the peer's trailers (client side)
         self.sent_headers = False
         self.task: asyncio.Task[None] | None = None
-        self.sink: Sink | None = None  # takes messages while next_message() waits
+        self.sink = None  # takes messages while next_message() waits
         self.receiving = False  # next_message() waits, with nothing queued
 
-    # receiving
+    def sink_failed(self, exc: Exception) -> None:
+        _log.error("stream sink failed", exc_info=exc)
 
-    def on_payload(self, buf: bytes | bytearray | memoryview, start: int, end: int) -> None:
-        """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
-        if self.error is not None or self.closed:
-            return
-        assembler = self.assembler
-        messages = assembler.feed(buf, start, end)
-        if messages and self.receiving and self.sink is not None and not self.messages:
-            messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
-        if messages:
-            self.messages.extend(messages)
-            self._wake()
-        if assembler.error:
-            self._bad_message(assembler.error, assembler.error_length)
-        elif not messages and not self.messages:
-            # A message is being reassembled and nothing waits to be taken: let it come.
-            self._release()
-
-    def _offer(self, messages: list[bytes]) -> list[bytes]:
-        """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
-        sink = self.sink
-        assert sink is not None
-        for i, message in enumerate(messages):
-            try:
-                taken = sink(message)
-            except Exception as exc:  # a bug in the sink: recv() gets the message instead
-                _log.error("stream sink failed", exc_info=exc)
-                self.sink = None
-                taken = False
-            if not taken:
-                return messages[i:]
-        return []
-
-    def _bad_message(self, error: int, length: int) -> None:
+    def bad_message(self, error: int, length: int) -> None:
+        """A message this stream cannot take (1: compressed, 2: too large)."""
         if error == 1:
             status = Status(Code.INTERNAL, "compressed gRPC messages are not supported")
         else:
@@ -211,12 +159,6 @@ class _Stream:
             )
         self.fail(StreamError(status))
         self.conn.on_bad_message(self, status)
-
-    def _release(self) -> None:
-        """Credit everything held (called when the queue is empty)."""
-        if self.held:
-            self.conn.credit_stream(self, self.held)
-            self.held = 0
 
     def on_end(self) -> None:
         self.ended = True
@@ -228,13 +170,6 @@ class _Stream:
         if self.error is None:
             self.error = error
         self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def finished(self) -> None:
         """Until the peer ended the stream or it failed (messages left unread are dropped)."""
@@ -264,25 +199,7 @@ class _Stream:
             finally:
                 self.receiving = False
 
-    # sending
-
-    def try_write(self, data: bytes) -> bool:
-        """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""
-        conn = self.conn
-        total = len(data) + 5
-        if (
-            total <= self.send_window
-            and total <= conn.send_window
-            and total <= conn.peer_max_frame
-            and not conn.write_paused
-            and not self.closed
-            and not conn.closed
-        ):
-            self.send_window -= total
-            conn.send_window -= total
-            conn.transport.writelines(_h2.data_frames(data, 0, total, self.id, total))  # type: ignore[union-attr]
-            return True
-        return False
+    # sending (one frame, windows open: ``try_write`` in the core)
 
     async def write_message(self, data: bytes) -> None:
         if self.try_write(data):  # the common case: one frame, the windows open
@@ -309,47 +226,39 @@ class _Stream:
 # -- connection ------------------------------------------------------------------------------
 
 
-class _Connection(asyncio.Protocol):
-    """HTTP/2 framing, settings, flow control, pings and GOAWAY; sides subclass it."""
+class _Connection(_h2.ConnCore, asyncio.Protocol):
+    """HTTP/2 framing, settings, flow control, pings and GOAWAY; sides subclass it.
 
-    client = False
+    The per-read path (``data_received``: frames found, DATA to streams, WINDOW_UPDATE,
+    credit) is ``_h2.ConnCore``'s; every other frame comes to ``on_frame``."""
 
-    def __init__(self, keepalive_interval: float, keepalive_timeout: float) -> None:
+    def __init__(self, keepalive_interval: float, keepalive_timeout: float, client: bool) -> None:
+        super().__init__()
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()  # a frame cut by the end of a read (at most one frame)
-        self.data_left = 0  # payload bytes of the DATA frame being received still to come
-        self.data_stream: _Stream | None = None  # its stream (None: unknown or reset)
-        self.data_feed = False  # its payload goes to the stream (else: dropped)
-        self.data_end_stream = False  # it carries END_STREAM
-        self.preface_seen = self.client  # a server first reads the client's preface
-        self.settings_seen = False
-        self.streams: dict[int, _Stream] = {}
+        self.client = client
+        self.preface_seen = client  # a server first reads the client's preface
+        self.recv_frame = RECV_FRAME
+        self.conn_window = CONN_WINDOW
         self.last_peer_stream = 0  # highest stream id the peer opened (server side)
         self.local_window = STREAM_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_FRAME
         self.send_window = DEFAULT_WINDOW  # connection-level, towards the peer
         self.recv_window = DEFAULT_WINDOW  # connection-level, from the peer
-        self.conn_credit = 0
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self.decoder.max_allowed_table_size = 4096
-        self.header_block: bytearray | None = None  # HEADERS awaiting CONTINUATION
         self.header_stream = 0
         self.header_end_stream = False
-        self.closed = False
         self.goaway_received: int | None = None
         self.goaway_sent = False
-        self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._window_waiters: list[asyncio.Future[None]] = []
         self.ready: asyncio.Future[None] = self.loop.create_future()  # peer's SETTINGS seen
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self.close_reason = ""
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
-        self.last_read = time.monotonic()
+        self.last_read = time.monotonic()  # the core's clock is CLOCK_MONOTONIC too
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
 
@@ -379,162 +288,10 @@ class _Connection(asyncio.Protocol):
     def extra_settings(self) -> dict[int, int]:
         return {}
 
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self.last_read = time.monotonic()
-        try:
-            if self.preface_seen:
-                self._receive(data)
-            else:
-                self._receive_preface(data)
-        except ConnectionError_ as exc:
-            self.abort(exc.code, str(exc))
-            return
-        except Exception as exc:  # a bug: never let it escape into the event loop
-            _log.error("HTTP/2 engine error", exc_info=exc)
-            self.abort(INTERNAL_ERROR, f"internal error: {exc!r}")
-            return
-        if not self.closed and self.conn_credit >= CONN_WINDOW // 4:
-            self._flush_conn_credit()
-
-    def _receive_preface(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if len(buf) < len(PREFACE):
-            if not PREFACE.startswith(buf):
-                raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
-            return
-        if buf[: len(PREFACE)] != PREFACE:
-            raise ConnectionError_(PROTOCOL_ERROR, "bad connection preface")
-        self.preface_seen = True
-        rest = bytes(buf[len(PREFACE) :])
-        self.buf = bytearray()
-        if rest:
-            self._receive(rest)
-
-    def _receive(self, data: bytes) -> None:
-        """Frames out of ``data``, read where it lies: only a frame cut by the end of a
-        read is kept in ``self.buf`` (at most one frame); a DATA frame's payload goes to
-        its stream as it arrives, however the frame is cut."""
-        pos, size = 0, len(data)
-        while pos < size and not self.closed:
-            left = self.data_left
-            if left:  # inside a DATA frame: its payload goes straight to the stream
-                stop = pos + left if left < size - pos else size
-                self.data_left = left - (stop - pos)
-                stream = self.data_stream
-                if stream is not None and self.data_feed:
-                    stream.on_payload(data, pos, stop)
-                pos = stop
-                if not self.data_left:
-                    self._data_done()
-                continue
-            if self.buf:
-                pos = self._fill_pending(data, pos, size)
-                continue
-            frames, pos, oversized = _h2.scan_frames(data, pos, RECV_FRAME)
-            if frames:
-                self._dispatch(data, frames)
-            if self.closed:
-                return
-            if oversized >= 0:
-                raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {oversized} bytes")
-            if pos < size:  # a frame cut by the end of this read
-                if size - pos >= 9 and data[pos + 3] == DATA and not data[pos + 4] & PADDED:
-                    length = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
-                    sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                    self._data_start(data[pos + 4], sid, length)
-                    pos += 9
-                else:
-                    self.buf += memoryview(data)[pos:]
-                    pos = size
-
-    def _fill_pending(self, data: bytes, pos: int, size: int) -> int:
-        """Complete the frame in ``self.buf`` from ``data[pos:]``; dispatch it once whole
-        (an unpadded DATA frame starts streaming as soon as its header is whole)."""
-        buf = self.buf
-        have = len(buf)
-        if have < 9:
-            take = min(9 - have, size - pos)
-            buf += memoryview(data)[pos : pos + take]
-            pos += take
-            if len(buf) < 9:
-                return pos
-        length = (buf[0] << 16) | (buf[1] << 8) | buf[2]
-        if length > RECV_FRAME:
-            raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-        if len(buf) == 9 and buf[3] == DATA and not buf[4] & PADDED:
-            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            flags = buf[4]
-            buf.clear()
-            self._data_start(flags, sid, length)
-            if not length:
-                self._data_done()
-            return pos
-        take = min(9 + length - len(buf), size - pos)
-        buf += memoryview(data)[pos : pos + take]
-        pos += take
-        if len(buf) == 9 + length:
-            self.buf = bytearray()
-            sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            self._dispatch(buf, [(buf[3], buf[4], sid, 9, 9 + length)])
-        return pos
-
-    def _dispatch(
-        self, data: bytes | bytearray, frames: list[tuple[int, int, int, int, int]]
-    ) -> None:
-        view = memoryview(data)
-        try:
-            for ftype, flags, sid, start, end in frames:
-                if self.closed:
-                    break
-                if ftype == DATA and not flags & PADDED:
-                    length = end - start
-                    stream = self.streams.get(sid)
-                    if (
-                        stream is not None
-                        and length <= self.recv_window
-                        and length <= stream.recv_window
-                        and stream.error is None
-                        and not stream.ended
-                        and not stream.closed
-                        and self.header_block is None
-                    ):  # the common case, inline: a whole frame for a live stream
-                        self.recv_window -= length
-                        self.conn_credit += length
-                        stream.recv_window -= length
-                        stream.held += length
-                        if length:
-                            stream.on_payload(data, start, end)
-                        if flags & END_STREAM:
-                            self.on_end_stream(stream)
-                        continue
-                    self._data_start(flags, sid, length)
-                    self.data_left = 0
-                    stream = self.data_stream
-                    if stream is not None and self.data_feed and end > start:
-                        stream.on_payload(data, start, end)
-                    self._data_done()
-                elif (
-                    ftype == WINDOW_UPDATE
-                    and end - start == 4
-                    and self.header_block is None
-                    and self.settings_seen
-                    and data[start] & 0x7F | data[start + 1] | data[start + 2] | data[start + 3]
-                ):  # the common case, inline: a valid increment
-                    increment = int.from_bytes(data[start:end], "big") & 0x7FFFFFFF
-                    target = self if sid == 0 else self.streams.get(sid)
-                    if target is None or target.send_window + increment > MAX_WINDOW:
-                        self.on_frame(view, ftype, flags, sid, start, end)
-                    else:
-                        target.send_window += increment
-                        if self._window_waiters:
-                            self._wake_window()
-                else:
-                    self.on_frame(view, ftype, flags, sid, start, end)
-        finally:
-            view.release()
+    def engine_error(self, exc: Exception) -> None:
+        """A bug in the receive path: never let it escape into the event loop."""
+        _log.error("HTTP/2 engine error", exc_info=exc)
+        self.abort(INTERNAL_ERROR, f"internal error: {exc!r}")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -581,10 +338,6 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.writelines(chunks)
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
     async def drain(self) -> None:
         if not self.write_paused or self.closed:
             return
@@ -621,22 +374,14 @@ class _Connection(asyncio.Protocol):
         self.write(_header(4, RST_STREAM, 0, stream.id) + code.to_bytes(4, "big"))
         self.forget(stream)
 
+    def stream_failed(self, stream: _Stream, code: int, why: str) -> None:
+        """A stream error: RST_STREAM ``code``; its call ends with INTERNAL ``why``."""
+        self.reset(stream, code)
+        self.stream_lost(stream, StreamError(Status(Code.INTERNAL, why)))
+
     def forget(self, stream: _Stream) -> None:
         stream.closed = True
         self.streams.pop(stream.id, None)
-
-    def credit_stream(self, stream: _Stream, amount: int) -> None:
-        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
-        stream.credit += amount
-        if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
-            self.write(_header(4, WINDOW_UPDATE, 0, stream.id) + stream.credit.to_bytes(4, "big"))
-            stream.recv_window += stream.credit
-            stream.credit = 0
-
-    def _flush_conn_credit(self) -> None:
-        credit, self.conn_credit = self.conn_credit, 0
-        self.recv_window += credit
-        self.write(_header(4, WINDOW_UPDATE, 0, 0) + credit.to_bytes(4, "big"))
 
     def goaway(self, code: int, why: str = "") -> None:
         if self.goaway_sent or self.closed:
@@ -686,25 +431,25 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         length = end - start
         if self.header_block is not None and (ftype != CONTINUATION or sid != self.header_stream):
-            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+            raise H2ConnectionError(PROTOCOL_ERROR, "expected CONTINUATION")
         if not self.settings_seen and ftype != SETTINGS:
-            raise ConnectionError_(PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            raise H2ConnectionError(PROTOCOL_ERROR, "the first frame must be SETTINGS")
         if ftype == DATA:
             self.on_data(view, flags, sid, start, end)
         elif ftype == HEADERS:
             if sid == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
+                raise H2ConnectionError(PROTOCOL_ERROR, "HEADERS on stream 0")
             pos, stop = start, end
             if flags & PADDED:
                 if length < 1:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, "HEADERS too short")
+                    raise H2ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short")
                 pad = view[pos]
                 pos += 1
                 stop -= pad
             if flags & PRIORITY_FLAG:
                 pos += 5
             if stop < pos:
-                raise ConnectionError_(PROTOCOL_ERROR, "padding longer than HEADERS")
+                raise H2ConnectionError(PROTOCOL_ERROR, "padding longer than HEADERS")
             block = bytearray(view[pos:stop])
             self.header_end_stream = bool(flags & END_STREAM)
             self.header_stream = sid
@@ -714,10 +459,10 @@ class _Connection(asyncio.Protocol):
                 self.header_block = block
         elif ftype == CONTINUATION:
             if self.header_block is None or sid != self.header_stream:
-                raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+                raise H2ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
             self.header_block += view[start:end]
             if len(self.header_block) > MAX_HEADER_BLOCK:
-                raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
+                raise H2ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
             if flags & END_HEADERS:
                 block, self.header_block = self.header_block, None
                 self._headers_done(sid, block)
@@ -727,9 +472,9 @@ class _Connection(asyncio.Protocol):
             self.on_window_update(view, sid, start, end)
         elif ftype == PING:
             if sid != 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "PING on a stream")
+                raise H2ConnectionError(PROTOCOL_ERROR, "PING on a stream")
             if length != 8:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "PING is not 8 bytes")
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "PING is not 8 bytes")
             if flags & ACK:
                 if self._ping_deadline is not None:
                     self._ping_deadline.cancel()
@@ -738,38 +483,38 @@ class _Connection(asyncio.Protocol):
                 self.write(_header(8, PING, ACK, 0) + bytes(view[start:end]))
         elif ftype == RST_STREAM:
             if sid == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+                raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
             if length != 4:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "RST_STREAM is not 4 bytes")
-            self._check_not_idle(sid, "RST_STREAM")
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "RST_STREAM is not 4 bytes")
+            self.check_not_idle(sid, "RST_STREAM")
             stream = self.streams.get(sid)
             if stream is not None:
                 self.on_reset(stream, int.from_bytes(view[start:end], "big"))
         elif ftype == GOAWAY:
             if sid != 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
+                raise H2ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
             if length < 8:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "GOAWAY too short")
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "GOAWAY too short")
             last = int.from_bytes(view[start : start + 4], "big") & 0x7FFFFFFF
             code = int.from_bytes(view[start + 4 : start + 8], "big")
             debug = bytes(view[start + 8 : end]).decode("utf-8", "replace")
             self.on_goaway(last, code, debug)
         elif ftype == PRIORITY:
             if sid == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+                raise H2ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if length != 5:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
         elif ftype == PUSH_PROMISE:
-            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+            raise H2ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
         # unknown frame types are ignored (RFC 9113 section 4.1)
 
-    def _check_not_idle(self, sid: int, what: str) -> None:
+    def check_not_idle(self, sid: int, what: str) -> None:
         own = (sid % 2 == 1) == self.client
         if own:
             if sid > self.last_own_stream():
-                raise ConnectionError_(PROTOCOL_ERROR, f"{what} on an idle stream")
+                raise H2ConnectionError(PROTOCOL_ERROR, f"{what} on an idle stream")
         elif sid > self.last_peer_stream:
-            raise ConnectionError_(PROTOCOL_ERROR, f"{what} on an idle stream")
+            raise H2ConnectionError(PROTOCOL_ERROR, f"{what} on an idle stream")
 
     def last_own_stream(self) -> int:
         return 0
@@ -780,9 +525,9 @@ class _Connection(asyncio.Protocol):
         pad = 0
         if flags & PADDED:
             if flow < 1 or view[start] >= flow:
-                raise ConnectionError_(PROTOCOL_ERROR, "padding longer than DATA")
+                raise H2ConnectionError(PROTOCOL_ERROR, "padding longer than DATA")
             pad = view[start]
-        self._data_start(flags, sid, flow)
+        self.data_start(flags, sid, flow)
         self.data_left = 0
         stream = self.data_stream
         if stream is not None and self.data_feed:
@@ -792,50 +537,6 @@ class _Connection(asyncio.Protocol):
                 stream.on_payload(view, start, end)
         self._data_done()
 
-    def _data_start(self, flags: int, sid: int, length: int) -> None:
-        """A DATA frame's header: flow control for all of it; its payload follows."""
-        if self.header_block is not None:
-            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
-        if not self.settings_seen:
-            raise ConnectionError_(PROTOCOL_ERROR, "the first frame must be SETTINGS")
-        if sid == 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
-        self.recv_window -= length
-        if self.recv_window < 0:
-            raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window exceeded")
-        self.conn_credit += length
-        self.data_left = length
-        self.data_end_stream = bool(flags & END_STREAM)
-        self.data_feed = False
-        stream = self.data_stream = self.streams.get(sid)
-        if stream is None:
-            self._check_not_idle(sid, "DATA")
-            self.write(_header(4, RST_STREAM, 0, sid) + STREAM_CLOSED.to_bytes(4, "big"))
-            return
-        if stream.ended:
-            self.data_stream = None
-            self.reset(stream, STREAM_CLOSED)
-            self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "DATA after END_STREAM")))
-            return
-        stream.recv_window -= length
-        if stream.recv_window < 0:
-            self.data_stream = None
-            self.reset(stream, FLOW_CONTROL_ERROR)
-            self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "flow control error")))
-            return
-        if stream.error is not None or stream.closed:  # not wanted any more: credit at once
-            self.credit_stream(stream, length)
-            return
-        stream.held += length
-        self.data_feed = True
-
-    def _data_done(self) -> None:
-        """The DATA frame's last byte arrived."""
-        stream = self.data_stream
-        self.data_stream = None
-        if stream is not None and self.data_end_stream:
-            self.on_end_stream(stream)
-
     def on_end_stream(self, stream: _Stream) -> None:
         stream.on_end()
 
@@ -844,34 +545,34 @@ class _Connection(asyncio.Protocol):
 
     def on_settings(self, view: memoryview, flags: int, sid: int, start: int, end: int) -> None:
         if sid != 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
+            raise H2ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
         length = end - start
         if flags & ACK:
             if length:
-                raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         if length % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+            raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
         for pos in range(start, end, 6):
             key = int.from_bytes(view[pos : pos + 2], "big")
             value = int.from_bytes(view[pos + 2 : pos + 6], "big")
             if key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise H2ConnectionError(FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for stream in self.streams.values():
                     stream.send_window += delta
                     if stream.send_window > MAX_WINDOW:
-                        raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window overflow")
+                        raise H2ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
                 self._wake_window()
             elif key == S_MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME <= value <= 16_777_215:
-                    raise ConnectionError_(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+                    raise H2ConnectionError(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
                 self.peer_max_frame = value
             elif key == S_ENABLE_PUSH:
                 if value > 1 or (value == 1 and self.client):
-                    raise ConnectionError_(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
+                    raise H2ConnectionError(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
             elif key == S_HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = min(value, 4096)
         self.write(_header(0, SETTINGS, ACK, 0))
@@ -882,27 +583,25 @@ class _Connection(asyncio.Protocol):
 
     def on_window_update(self, view: memoryview, sid: int, start: int, end: int) -> None:
         if end - start != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE is not 4 bytes")
+            raise H2ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE is not 4 bytes")
         increment = int.from_bytes(view[start:end], "big") & 0x7FFFFFFF
         if sid == 0:
             if increment == 0:
-                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+                raise H2ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+                raise H2ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
         else:
-            self._check_not_idle(sid, "WINDOW_UPDATE")
+            self.check_not_idle(sid, "WINDOW_UPDATE")
             stream = self.streams.get(sid)
             if stream is None:
                 return
             if increment == 0:
-                self.reset(stream, PROTOCOL_ERROR)
-                self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "WINDOW_UPDATE of 0")))
+                self.stream_failed(stream, PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
                 return
             stream.send_window += increment
             if stream.send_window > MAX_WINDOW:
-                self.reset(stream, FLOW_CONTROL_ERROR)
-                self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "window overflow")))
+                self.stream_failed(stream, FLOW_CONTROL_ERROR, "window overflow")
                 return
         self._wake_window()
 
@@ -910,9 +609,9 @@ class _Connection(asyncio.Protocol):
         try:
             headers = self.decoder.decode(bytes(block), raw=True)
         except hpack.OversizedHeaderListError as exc:
-            raise ConnectionError_(ENHANCE_YOUR_CALM, f"header list too large: {exc}") from None
+            raise H2ConnectionError(ENHANCE_YOUR_CALM, f"header list too large: {exc}") from None
         except (hpack.HPACKError, IndexError, ValueError) as exc:
-            raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+            raise H2ConnectionError(COMPRESSION_ERROR, f"bad header block: {exc}") from None
         self.on_headers(sid, cast(list[tuple[bytes, bytes]], headers), self.header_end_stream)
 
     def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
@@ -963,7 +662,7 @@ class _Downstream:
 class _ServerConnection(_Connection):
     def __init__(self, server: FastServer) -> None:
         s = server.settings
-        super().__init__(s.keepalive_interval, s.keepalive_timeout)
+        super().__init__(s.keepalive_interval, s.keepalive_timeout, client=False)
         self.server = server
         self.peer = "unknown"
 
@@ -1001,8 +700,8 @@ class _ServerConnection(_Connection):
             return
         if sid % 2 == 0 or sid <= self.last_peer_stream:
             if sid % 2 == 0 or sid > self.last_peer_stream:
-                raise ConnectionError_(PROTOCOL_ERROR, f"bad stream id {sid}")
-            raise ConnectionError_(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+                raise H2ConnectionError(PROTOCOL_ERROR, f"bad stream id {sid}")
+            raise H2ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
         self.last_peer_stream = sid
         if self.goaway_sent:
             self.write(_header(4, RST_STREAM, 0, sid) + REFUSED_STREAM.to_bytes(4, "big"))
@@ -1144,10 +843,8 @@ class FastServer:
 
 
 class _ClientConnection(_Connection):
-    client = True
-
     def __init__(self, settings: DialSettings) -> None:
-        super().__init__(settings.keepalive_interval, settings.keepalive_timeout)
+        super().__init__(settings.keepalive_interval, settings.keepalive_timeout, client=True)
         self.stream: _Stream | None = None
         self.headers_seen = False
 
@@ -1157,9 +854,9 @@ class _ClientConnection(_Connection):
     def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         stream = self.streams.get(sid)
         if sid % 2 == 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "server opened a stream")
+            raise H2ConnectionError(PROTOCOL_ERROR, "server opened a stream")
         if stream is None:
-            self._check_not_idle(sid, "HEADERS")
+            self.check_not_idle(sid, "HEADERS")
             return
         fields = dict(headers)
         if not self.headers_seen:
