@@ -2,9 +2,11 @@
 
 One ``_Connection`` (an ``asyncio.Protocol``) per TCP/Unix/TLS connection; the server
 side serves Envoy (h2c, many streams), the client side carries one stream to istiod
-per connection.  Frames are found and gRPC messages cut out by ``xdsfast._h2``
-(Cython, or its twin ``_h2_py``); outgoing messages go to ``transport.writelines``
-as frame headers plus slices of the message, never joined.
+per connection.  The per-read path is ``xdsfast._h2`` (Cython, or its twin ``_h2_py``):
+``ConnCore.data_received`` finds frames, keeps the windows, feeds DATA to the stream's
+reassembler and hands complete messages to the relay's sink, calling back into this
+module only for the other frames.  Outgoing messages go to the transport as frame
+headers plus slices of the message, never joined.
 
 Flow control bounds memory both ways: a stream's receive window is credited back
 only for bytes the relay has taken with ``recv()`` (or that belong to a message still
@@ -276,7 +278,7 @@ class _Connection(_h2.ConnCore, asyncio.Protocol):
                     **self.extra_settings(),
                 }
             ),
-            _header(4, WINDOW_UPDATE, 0, 0) + (CONN_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"),
+            _h2.frame_u32(WINDOW_UPDATE, 0, CONN_WINDOW - DEFAULT_WINDOW),
         ]
         self.recv_window = CONN_WINDOW
         if self.client:
@@ -371,7 +373,7 @@ class _Connection(_h2.ConnCore, asyncio.Protocol):
         self.writelines(frames)
 
     def reset(self, stream: _Stream, code: int) -> None:
-        self.write(_header(4, RST_STREAM, 0, stream.id) + code.to_bytes(4, "big"))
+        self.write(_h2.frame_u32(RST_STREAM, stream.id, code))
         self.forget(stream)
 
     def stream_failed(self, stream: _Stream, code: int, why: str) -> None:
@@ -704,10 +706,10 @@ class _ServerConnection(_Connection):
             raise H2ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
         self.last_peer_stream = sid
         if self.goaway_sent:
-            self.write(_header(4, RST_STREAM, 0, sid) + REFUSED_STREAM.to_bytes(4, "big"))
+            self.write(_h2.frame_u32(RST_STREAM, sid, REFUSED_STREAM))
             return
         if len(self.streams) >= self.server.settings.max_concurrent_streams:
-            self.write(_header(4, RST_STREAM, 0, sid) + REFUSED_STREAM.to_bytes(4, "big"))
+            self.write(_h2.frame_u32(RST_STREAM, sid, REFUSED_STREAM))
             return
         fields = dict(headers)
         method, path = fields.get(b":method"), fields.get(b":path", b"")
@@ -729,7 +731,7 @@ class _ServerConnection(_Connection):
     def _trailers_only(self, sid: int, status: Status, ended: bool) -> None:
         self.send_headers(sid, _trailers(status, with_status=True), True)
         if not ended:
-            self.write(_header(4, RST_STREAM, 0, sid) + NO_ERROR.to_bytes(4, "big"))
+            self.write(_h2.frame_u32(RST_STREAM, sid, NO_ERROR))
 
     async def _serve(self, stream: _Stream, mode: Mode) -> None:
         try:
@@ -754,7 +756,7 @@ class _ServerConnection(_Connection):
     def _finish(self, stream: _Stream) -> None:
         """Trailers sent: the stream is done on our side."""
         if not stream.ended:
-            self.write(_header(4, RST_STREAM, 0, stream.id) + NO_ERROR.to_bytes(4, "big"))
+            self.write(_h2.frame_u32(RST_STREAM, stream.id, NO_ERROR))
         self.forget(stream)
 
     def on_bad_message(self, stream: _Stream, status: Status) -> None:
