@@ -42,7 +42,7 @@ def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
 def test_frame_header_layout(h2: ModuleType) -> None:
     assert h2.frame_header(0x123456, 9, 0x25, 0x7FFFFFFF) == bytes.fromhex("12345609257fffffff")
     assert h2.frame_header(1, 0, 0, 0x80000001) == bytes.fromhex("000001000000000001")  # R bit
-    assert h2.frame_u32(8, 3, 0x81020304) == bytes.fromhex("000004080000000003" "81020304")
+    assert h2.frame_u32(8, 3, 0x81020304) == bytes.fromhex("00000408000000000381020304")
 
 
 @impl_params
