@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled HTTP/2 + gRPC framing helpers for the fast engine's hot path.
+"""The fast engine's hot path, compiled: HTTP/2 + gRPC framing helpers and the per-read
+path (``ConnCore``/``StreamCore``: frames, windows, reassembly, the relay's sink).
 
-Mirrors ``_h2_py.py`` function for function.  Every read is checked against
+Mirrors ``_h2_py.py`` function for function and class for class.  Every read is checked against
 the end of the buffer explicitly, which is why Cython's bounds checks are off.
 """
 

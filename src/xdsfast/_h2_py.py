@@ -1,4 +1,4 @@
-"""Pure-Python twin of ``_h2.pyx``: the same functions, the same results."""
+"""Pure-Python twin of ``_h2.pyx``: the same functions and classes, the same results."""
 
 from __future__ import annotations
 
