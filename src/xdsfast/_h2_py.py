@@ -224,8 +224,6 @@ class StreamCore:
             # A message is being reassembled and nothing waits to be taken: let it come.
             self._release()
 
-    _payload = on_payload
-
     def _offer(self, messages: list[bytes]) -> list[bytes] | None:
         """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
         for i, message in enumerate(messages):

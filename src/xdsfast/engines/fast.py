@@ -59,7 +59,7 @@ IMPLEMENTATION = "python" if _h2.__name__.endswith("_py") else "cython"
 
 _log = log.scope("xdsproxy")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PREFACE = _h2.PREFACE  # the client's connection preface (the core checks it)
 
 # Frame types
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
