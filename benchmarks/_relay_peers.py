@@ -49,8 +49,8 @@ from xdsfast import wire
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-STORM, SMALL, BIG = "storm", "small", "big"
-TYPE_OF = {STORM: CDS, SMALL: EDS, BIG: CDS}
+STORM, SMALL, BURST, BIG = "storm", "small", "burst", "big"
+TYPE_OF = {STORM: CDS, SMALL: EDS, BURST: EDS, BIG: CDS}
 BIG_BYTES = 20_000_000  # the big push: one CDS response of about this size
 # What istiod's certificate names (Istio's default ISTIOD_SAN) besides localhost/127.0.0.1.
 TLS_SERVER_NAME = "istiod.istio-system.svc"
@@ -339,7 +339,7 @@ class ControlPlane:
             if flavour.delta not in self._big:
                 self._big[flavour.delta] = [repeated_body(self.cds_body(flavour), BIG_BYTES)]
             size = len(flavour.stamp(self._big[flavour.delta][0], 0))
-        else:
+        else:  # SMALL and BURST: the same EDS bodies, stamped at each send
             if flavour.delta not in self._small:
                 from xdsfast.demo import mesh
 
@@ -361,7 +361,7 @@ class ControlPlane:
         if plan is None:
             emit("error", message="a stream arrived with no workload planned")
             return
-        run = self._storm_run if plan.workload == STORM else self._acked_run
+        run = self._pushed_run if plan.workload in (STORM, BURST) else self._acked_run
         try:
             await run(plan, context)
         except asyncio.CancelledError:
@@ -370,10 +370,20 @@ class ControlPlane:
         while await context.read() is not aio.EOF:
             pass
 
-    async def _storm_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
-        """Push ``count`` big responses back to back; ACKs are drained concurrently."""
-        pushes, n = self._storm[plan.flavour.delta], plan.count
-        peek_nonce = plan.flavour.peek_nonce
+    async def _pushed_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
+        """Push ``count`` responses back to back, as istiod pushes (no waiting for ACKs).
+
+        The storm sends its pre-stamped big pushes; a burst stamps each small EDS body
+        with a fresh version and nonce.  ACKs are drained concurrently.
+        """
+        n, flavour = plan.count, plan.flavour
+        peek_nonce, stamp = flavour.peek_nonce, flavour.stamp
+        if plan.workload == STORM:
+            pushes = self._storm[flavour.delta]
+            bodies = [pushes[i % len(pushes)] for i in range(n)]
+        else:  # stamped before the clock starts: the control plane's cost is not the relay's
+            small = self._small[flavour.delta]
+            bodies = [stamp(small[i % len(small)], i) for i in range(n)]
         acked = 0
 
         async def drain_acks() -> None:
@@ -391,8 +401,7 @@ class ControlPlane:
         write = context.write
         t_start = time.monotonic()
         sent = 0
-        for i in range(n):
-            data = pushes[i % len(pushes)]
+        for data in bodies:
             await write(data)
             sent += len(data)
         t_sent = time.monotonic()

@@ -33,6 +33,11 @@ Workloads (SotW, or delta with ``--delta``):
   is the relay's p50 minus its baseline's p50 (round by round, then the median):
   that round trip crosses the relay twice (response down, ACK up), the issue's
   "added latency, request -> response, p50 <= 50 us" target.
+* pushed updates (burst): N of the same EDS responses pushed back to back, as istiod
+  pushes (it does not wait for ACKs unless its flow control is on), each read and ACKed;
+  timed from the control plane's first write to its last ACK.  Reads and writes then
+  carry several messages each, as in a busy mesh, so this is the throughput and CPU
+  figure of a relay under load; the small updates above are its latency figure.
 * big push (opt-in, ``--big N``): N x ~20 MB CDS responses, each ACKed before the
   next; the relay's peak RSS over its RSS just before, which should track the
   largest in-flight message, not the push rate.
@@ -78,6 +83,7 @@ ARRANGEMENTS = (
     "direct-tls", "xdsfast-tls", "xdsfast-fast-tls",
 )  # fmt: skip
 DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
+WORKLOADS = ("storm", "small", "burst", "big")
 TLS_SUFFIX = "-tls"
 READY_TIMEOUT = 30.0
 MATPLOTLIB_HINT = "pip install matplotlib, or the project's bench extra"
@@ -341,6 +347,7 @@ class Settings:
     arrangements: tuple[str, ...]
     relay_env: dict[str, str] = field(default_factory=dict)
     big: int = 0  # ~20 MB pushes, for the relay's peak RSS (opt-in)
+    burst: int = 0  # small EDS updates pushed back to back (0 in runs saved before it)
 
     @property
     def tls(self) -> bool:
@@ -365,6 +372,7 @@ class Results:
 
     storm: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     small: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    burst: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     big: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     idle_rss: dict[str, list[int]] = field(default_factory=dict)
     cores: dict[str, str] = field(default_factory=dict)
@@ -487,8 +495,11 @@ class Bench:
             out["relay_cpu"] = cpu_seconds(pid) - cpu0
             out["peak_rss"], out["peak_rss_exact"] = peak.peak, peak.exact
             out["rss_before"], out["rss_after"] = rss_before, rss(pid)
-        if workload == "storm":
-            wall = cl["t_last"] - cp["t_start"]  # CLOCK_MONOTONIC is system-wide on Linux
+        if workload in ("storm", "burst"):
+            # CLOCK_MONOTONIC is system-wide on Linux.  A storm ends at the client's last
+            # read; a burst at the control plane's last ACK (its ACKs are half the traffic).
+            end = cl["t_last"] if workload == "storm" else cp["t_acked"]
+            wall = end - cp["t_start"]
             out.update(
                 wall=wall, bytes=cl["bytes"], rate=count / wall, mbps=cl["bytes"] / wall / 1e6
             )
@@ -513,7 +524,10 @@ class Bench:
             if self.s.storm:
                 self.run(relay, "storm", 2)
             self.run(relay, "small", 200)
-            workloads = (("storm", self.s.storm), ("small", self.s.small), ("big", self.s.big))
+            workloads = (
+                ("storm", self.s.storm), ("small", self.s.small), ("burst", self.s.burst),
+                ("big", self.s.big),
+            )  # fmt: skip
             for workload, count in workloads:
                 if count:
                     result = self.run(relay, workload, count)
@@ -594,7 +608,7 @@ def summarize(results: Results, names: tuple[str, ...]) -> dict[str, dict[str, A
     for name in names:
         base_name = baseline(name, names)
         row: dict[str, Any] = {"core": results.cores.get(name), "baseline": base_name}
-        for workload in ("storm", "small", "big"):
+        for workload in WORKLOADS:
             runs: list[dict[str, Any]] = getattr(results, workload).get(name, [])
             if not runs:
                 continue
@@ -686,6 +700,13 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
         )
 
+    def burst(name: str, row: dict[str, Any], bu: dict[str, Any], size: int) -> str:
+        cpu = bu.get("relay_cpu")
+        return (
+            f"{bu['wall']:>8.2f}{bu['rate']:>11.0f}{ratio(bu, name)}"
+            f"{_fmt(cpu and cpu / bu['count'] * 1e6, '.0f'):>21}"
+        )
+
     def big(name: str, row: dict[str, Any], bg: dict[str, Any], size: int) -> str:
         cpu, over = bg.get("relay_cpu"), bg.get("peak_over_before")
         return (
@@ -715,6 +736,15 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
         small,
     )
     section(
+        "burst",
+        lambda size: (
+            f"pushed updates: {s.burst} x ~{size} B EDS ({flavour}), "
+            "back to back as istiod pushes, each read and ACKed (throughput under load)"
+        ),
+        f"{'wall s':>8}{'updates/s':>11}{ratio_head}{'relay CPU us/update':>21}",
+        burst,
+    )
+    section(
         "big",
         lambda size: (
             f"big push: {s.big} x {size / 1e6:.1f} MB CDS ({flavour}), each ACKed "
@@ -733,7 +763,7 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
         f"  {name:<{w}}"
         + "".join(
             f"  {wl}: control plane {row[wl]['cp_cpu']:.2f}s, client {row[wl]['client_cpu']:.2f}s"
-            for wl in ("storm", "small", "big")
+            for wl in WORKLOADS
             if wl in row
         )
         for name, row in summary.items()
@@ -785,7 +815,7 @@ def write_png(
     names = list(summary)
     sizes = {
         w: next(summary[n][w]["message_bytes"] for n in names if w in summary[n])
-        for w in ("storm", "small")
+        for w in ("storm", "small", "burst")
         if any(w in summary[n] for n in names)
     }
     panels: list[tuple[str, str, str]] = []
@@ -796,6 +826,10 @@ def write_png(
         what = f"{s.small} x {sizes['small']} B EDS"
         panels.append(("small", "ratio", f"small updates ({what})\nupdates/s vs direct"))
         panels.append(("small", "cpu", "relay CPU per update + its ACK\n(µs, lower is better)"))
+    if "burst" in sizes:
+        what = f"{s.burst} x {sizes['burst']} B EDS pushed"
+        panels.append(("burst", "ratio", f"pushed updates ({what})\nupdates/s vs direct"))
+        panels.append(("burst", "cpu", "relay CPU per pushed update + ACK\n(µs, lower is better)"))
     if not panels:
         raise BenchError("no storm or small-update results to chart")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
@@ -859,6 +893,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="20 pushes, 2000 updates (< 1 min)")
     p.add_argument("--storm", type=int, help="pushes in the storm (default 100; quick 20)")
     p.add_argument("--small", type=int, help="small updates (default 20000; quick 2000)")
+    p.add_argument(
+        "--burst", type=int, help="small updates pushed back to back (default 20000; quick 2000)"
+    )
     p.add_argument("--delta", action="store_true", help="use DeltaAggregatedResources")
     p.add_argument(
         "--big",
@@ -960,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         storm=args.storm if args.storm is not None else (20 if args.quick else 100),
         small=args.small if args.small is not None else (2000 if args.quick else 20000),
+        burst=args.burst if args.burst is not None else (2000 if args.quick else 20000),
         delta=args.delta,
         rounds=max(1, args.rounds if args.rounds is not None else (2 if args.quick else 3)),
         arrangements=args.arrangements,
@@ -991,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": {
                 "storm": results.storm,
                 "small": results.small,
+                "burst": results.burst,
                 "big": results.big,
                 "idle_rss": results.idle_rss,
             },

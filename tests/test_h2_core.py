@@ -110,13 +110,14 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
         stream.error = None
         stream._waiter = None
         stream.sink = None
+        stream.sendable = True
         conn.streams[sid] = stream
 
     def sink(message: bytes) -> bool:
         log.append(("sink", message))
         if message.startswith(b"X"):
             raise RuntimeError("a bug in the sink")
-        return message.startswith(b"T") and conn.streams[3].try_write(message)
+        return message.startswith(b"T") and conn.streams[3].try_send(message)
 
     conn.streams[1].sink = sink
     conn._window_waiters.append(None)  # someone waits for window: WINDOW_UPDATE wakes them
@@ -215,9 +216,24 @@ def test_messages_go_to_the_sink_and_the_rest_are_queued_in_order(h2: ModuleType
     stream = conn.streams[1]
     assert [entry for entry in log if entry[0] == "sink"] == [("sink", b"T1"), ("sink", b"R2")]
     assert list(stream.messages) == [b"R2", b"T3"]  # T3 is not offered: R2 is queued first
-    assert conn.transport.out == [header(7, DATA, 0, 3) + grpc(b"T1")]  # the sink's try_write
+    assert conn.transport.out == [header(7, DATA, 0, 3) + grpc(b"T1")]  # the sink's try_send
     # The frame was credited when T1 was taken with nothing queued: in a batch, not yet sent.
     assert (stream.held, stream.credit, conn.conn_credit) == (0, len(payload), len(payload))
+
+
+@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_try_send_writes_only_to_a_sendable_stream_that_has_not_failed(h2: ModuleType) -> None:
+    conn, _ = build(h2)
+    stream = conn.streams[3]
+    stream.sendable = False  # headers not sent yet (server), or half-closed (client)
+    assert stream.try_send(b"a") is False
+    stream.sendable, stream.error = True, "reset by the peer"
+    assert stream.try_send(b"b") is False
+    assert conn.transport.out == []
+    stream.error = None
+    assert stream.try_send(b"c") is True
+    assert conn.transport.out == [header(6, DATA, 0, 3) + grpc(b"c")]
+    assert stream.send_window == 1000 - 6  # what try_write takes from the windows
 
 
 @pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])

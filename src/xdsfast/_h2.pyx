@@ -359,6 +359,7 @@ cdef class StreamCore:
     cdef public bint receiving  # recv() waits, with nothing queued
     cdef public object error  # recv() raises it once messages run out
     cdef public object sink  # takes messages while recv() waits
+    cdef public bint sendable  # the relay may send now (headers out, not half-closed)
     cdef public object _waiter
 
     def on_payload(self, buf, Py_ssize_t start, Py_ssize_t end):
@@ -385,12 +386,12 @@ cdef class StreamCore:
             messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
         if messages:
             self.messages.extend(messages)
-            self._wake()
+            self._wake_receiver()
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages:
             # A message is being reassembled and nothing waits to be taken: let it come.
-            self._release()
+            self._credit_held()
         return 0
 
     cdef list _offer(self, list messages):
@@ -407,18 +408,28 @@ cdef class StreamCore:
                 return messages[i:] if i else messages
         return None
 
-    cpdef _release(self):
+    def _release(self):
+        self._credit_held()
+
+    cdef int _credit_held(self) except -1:
         """Credit everything held (called when the queue is empty)."""
         if self.held:
-            self.conn.credit_stream(self, self.held)
+            self.conn._credit(self, self.held)
             self.held = 0
 
-    cpdef _wake(self):
+    def _wake(self):
+        self._wake_receiver()
+
+    cdef int _wake_receiver(self) except -1:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def try_send(self, bytes data):
+        """The relay's fast path: ``try_write`` if the stream is sendable and not failed."""
+        return self.sendable and self.error is None and self.try_write(data)
 
     cpdef bint try_write(self, bytes data) except -1:
         """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""
@@ -482,7 +493,7 @@ cdef class ConnCore:
         self.last_read = _monotonic()
         try:
             if self.preface_seen:
-                self._receive(data)
+                self._feed(data)
             else:
                 self._receive_preface(data)
         except H2ConnectionError as exc:
@@ -492,7 +503,7 @@ cdef class ConnCore:
             self.engine_error(exc)
             return
         if not self.closed and self.conn_credit >= self.conn_window // 4:
-            self._flush_conn_credit()
+            self._credit_conn()
 
     cdef int _receive_preface(self, data) except -1:
         cdef bytearray buf = self.buf
@@ -508,10 +519,13 @@ cdef class ConnCore:
         rest = bytes(buf[n:])
         self.buf = bytearray()
         if rest:
-            self._receive(rest)
+            self._feed(rest)
         return 0
 
-    cpdef _receive(self, data):
+    def _receive(self, data):
+        self._feed(data)
+
+    cdef int _feed(self, data) except -1:
         """Frames out of ``data``, read where it lies: only a frame cut by the end of a
         read is kept in ``self.buf``; a DATA frame's payload goes to its stream as it
         arrives, however the frame is cut."""
@@ -535,7 +549,7 @@ cdef class ConnCore:
                     stream._payload(p, pos, stop)
                 pos = stop
                 if not self.data_left:
-                    self._data_done()
+                    self._end_data()
                 continue
             if len(self.buf):
                 pos = self._fill_pending(p, pos, size)
@@ -553,7 +567,7 @@ cdef class ConnCore:
                     return 0
             if pos < size:  # a frame cut by the end of this read
                 if size - pos >= 9 and p[pos + 3] == _DATA and not p[pos + 4] & _PADDED:
-                    self.data_start(p[pos + 4], _u31(p + pos + 5), _u24(p + pos))
+                    self._start_data(p[pos + 4], _u31(p + pos + 5), _u24(p + pos))
                     pos += 9
                 else:
                     _append(self.buf, p + pos, size - pos)
@@ -582,9 +596,9 @@ cdef class ConnCore:
             flags = b[4]
             sid = _u31(b + 5)
             PyByteArray_Resize(buf, 0)
-            self.data_start(flags, sid, length)
+            self._start_data(flags, sid, length)
             if not length:
-                self._data_done()
+                self._end_data()
             return pos
         take = min(9 + length - len(buf), size - pos)
         _append(buf, p + pos, take)
@@ -621,12 +635,12 @@ cdef class ConnCore:
                 if flags & _END_STREAM:
                     self.on_end_stream(stream)
                 return 0
-            self.data_start(flags, sid, length)
+            self._start_data(flags, sid, length)
             self.data_left = 0
             stream = self.data_stream
             if stream is not None and self.data_feed and end > start:
                 stream._payload(p, start, end)
-            self._data_done()
+            self._end_data()
             return 0
         if ftype == _WINDOW_UPDATE and length == 4 and self.header_block is None \
                 and self.settings_seen:
@@ -652,7 +666,10 @@ cdef class ConnCore:
             view.release()
         return 0
 
-    cpdef data_start(self, int flags, uint32_t sid, Py_ssize_t length):
+    def data_start(self, int flags, uint32_t sid, Py_ssize_t length):
+        self._start_data(flags, sid, length)
+
+    cdef int _start_data(self, int flags, uint32_t sid, Py_ssize_t length) except -1:
         """A DATA frame's header: flow control for all of it; its payload follows."""
         cdef StreamCore stream
         if self.header_block is not None:
@@ -671,45 +688,57 @@ cdef class ConnCore:
         stream = self.data_stream = _stream_of(self.streams, sid)
         if stream is None:
             self.check_not_idle(sid, "DATA")
-            self.write(_frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
-            return
+            self._put(_frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
+            return 0
         if stream.ended:
             self.data_stream = None
             self.stream_failed(stream, _STREAM_CLOSED, "DATA after END_STREAM")
-            return
+            return 0
         stream.recv_window -= length
         if stream.recv_window < 0:
             self.data_stream = None
             self.stream_failed(stream, _FLOW_CONTROL_ERROR, "flow control error")
-            return
+            return 0
         if stream.error is not None or stream.closed:  # not wanted any more: credit at once
-            self.credit_stream(stream, length)
-            return
+            self._credit(stream, length)
+            return 0
         stream.held += length
         self.data_feed = True
 
-    cpdef _data_done(self):
+    def _data_done(self):
+        self._end_data()
+
+    cdef int _end_data(self) except -1:
         """The DATA frame's last byte arrived."""
         stream = self.data_stream
         self.data_stream = None
         if stream is not None and self.data_end_stream:
             self.on_end_stream(stream)
 
-    cpdef credit_stream(self, StreamCore stream, Py_ssize_t amount):
+    def credit_stream(self, StreamCore stream, Py_ssize_t amount):
+        self._credit(stream, amount)
+
+    cdef int _credit(self, StreamCore stream, Py_ssize_t amount) except -1:
         """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
         stream.credit += amount
         if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
-            self.write(_frame_u32(_WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
+            self._put(_frame_u32(_WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
             stream.recv_window += stream.credit
             stream.credit = 0
 
-    cpdef _flush_conn_credit(self):
+    def _flush_conn_credit(self):
+        self._credit_conn()
+
+    cdef int _credit_conn(self) except -1:
         cdef Py_ssize_t credit = self.conn_credit
         self.conn_credit = 0
         self.recv_window += credit
-        self.write(_frame_u32(_WINDOW_UPDATE, 0, <uint32_t>credit))
+        self._put(_frame_u32(_WINDOW_UPDATE, 0, <uint32_t>credit))
 
-    cpdef write(self, data):
+    def write(self, data):
+        self._put(data)
+
+    cdef int _put(self, data) except -1:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 

@@ -182,6 +182,7 @@ class StreamCore:
         "receiving",
         "recv_window",
         "send_window",
+        "sendable",
         "sink",
     )
 
@@ -198,6 +199,7 @@ class StreamCore:
     receiving: bool
     error: Any
     sink: Callable[[bytes], bool] | None
+    sendable: bool  # the relay may send now (headers out, not half-closed)
     _waiter: asyncio.Future[None] | None
 
     # Called by name; the engine's subclass defines them.
@@ -249,6 +251,10 @@ class StreamCore:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def try_send(self, data: bytes) -> bool:
+        """The relay's fast path: ``try_write`` if the stream is sendable and not failed."""
+        return self.sendable and self.error is None and self.try_write(data)
 
     def try_write(self, data: bytes) -> bool:
         """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""

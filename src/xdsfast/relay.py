@@ -386,8 +386,8 @@ class Session:
             return False  # _from_envoy reports it
         if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
             return False  # the first LDS request brings the agent's own: _from_envoy does it
+        self._to_istiod_now(data)  # istiod first: the bookkeeping is not on the request's path
         self._note_request(data, request)
-        self._to_istiod_now(data)
         return True
 
     def _note_request(self, data: bytes, request: Any) -> None:

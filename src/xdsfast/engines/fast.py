@@ -143,6 +143,7 @@ class _Stream(_h2.StreamCore):
         self.error: StreamError | None = None  # recv() raises it once messages run out
         self.status: Status | None = None  # the peer's trailers (client side)
         self.sent_headers = False
+        self.sendable = False  # try_send writes (server: headers sent; client: not half-closed)
         self.task: asyncio.Task[None] | None = None
         self.sink = None  # takes messages while next_message() waits
         self.receiving = False  # next_message() waits, with nothing queued
@@ -632,11 +633,12 @@ class _Connection(_h2.ConnCore, asyncio.Protocol):
 class _Downstream:
     """Envoy's side of one stream."""
 
-    __slots__ = ("_stream", "peer")
+    __slots__ = ("_stream", "peer", "try_send")
 
     def __init__(self, stream: _Stream, peer: str) -> None:
         self._stream = stream
         self.peer = peer
+        self.try_send = stream.try_send  # the core's, called straight from the relay's sink
 
     async def recv(self) -> bytes | None:
         return await self._stream.next_message()
@@ -644,17 +646,13 @@ class _Downstream:
     async def send(self, data: bytes) -> None:
         stream = self._stream
         if not stream.sent_headers:
-            stream.sent_headers = True
+            stream.sent_headers = stream.sendable = True
             stream.conn.send_headers(
                 stream.id, [(b":status", b"200"), (b"content-type", _CONTENT_TYPE)], False
             )
         if stream.error is not None and stream.closed:
             raise StreamError(Status(Code.UNAVAILABLE, f"send to Envoy failed: {stream.error}"))
         await stream.write_message(data)
-
-    def try_send(self, data: bytes) -> bool:
-        stream = self._stream
-        return stream.sent_headers and stream.error is None and stream.try_write(data)
 
     def set_sink(self, sink: Sink | None) -> bool:
         self._stream.sink = sink
@@ -917,17 +915,20 @@ def _status_of(fields: dict[bytes, bytes]) -> Status:
 class _Upstream:
     """istiod's side of one stream, over its own connection."""
 
-    __slots__ = ("_conn", "_half_closed", "_stream")
+    __slots__ = ("_conn", "_half_closed", "_stream", "try_send")
 
     def __init__(self, conn: _ClientConnection, stream: _Stream) -> None:
         self._conn = conn
         self._stream = stream
         self._half_closed = False
+        stream.sendable = True  # its headers are out
+        self.try_send = stream.try_send  # the core's, called straight from the relay's sink
 
     async def half_close(self) -> None:
         conn, stream = self._conn, self._stream
         if not self._half_closed and not conn.closed and not stream.closed:
             self._half_closed = True
+            stream.sendable = False
             conn.write(_header(0, DATA, END_STREAM, stream.id))
 
     async def recv(self) -> bytes | None:
@@ -944,9 +945,6 @@ class _Upstream:
                 raise stream.error
             raise StreamError(stream.status or self._conn.lost_status())
         await stream.write_message(data)
-
-    def try_send(self, data: bytes) -> bool:
-        return not self._half_closed and self._stream.try_write(data)
 
     def set_sink(self, sink: Sink | None) -> bool:
         self._stream.sink = sink
