@@ -20,7 +20,8 @@ else:
         # -g0: no debug info in the shipped module (a third of its size otherwise)
         [
             Extension(name, [f"src/xdsfast/{name[8:]}.pyx"], extra_compile_args=["-O3", "-g0"])
-            for name in ("xdsfast._core", "xdsfast._h2")  # the peeker; the HTTP/2 engine's helpers
+            # the peeker; the HTTP/2 engine's per-read path; the relay's per-message path
+            for name in ("xdsfast._core", "xdsfast._h2", "xdsfast._route")
         ],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )

@@ -27,7 +27,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from xdsfast import intercept, log, wire, xds_pb2
+from xdsfast import intercept, log, route, wire, xds_pb2
 from xdsfast.engines import (
     OK,
     Code,
@@ -40,7 +40,7 @@ from xdsfast.engines import (
     Upstream,
 )
 from xdsfast.intercept import Interceptor, Rewriter
-from xdsfast.metrics import Metrics, TypeBytes
+from xdsfast.metrics import Metrics
 
 _log = log.scope("xdsproxy")
 
@@ -103,33 +103,10 @@ class _Flavour:
 _FLAVOURS = {mode: _Flavour(mode) for mode in Mode}
 
 
-class _TypeState:
-    """One type on one stream, as ``/debug/xds`` shows it; kept per message."""
+class _TypeState(route.TypeState):
+    """One type on one stream, as ``/debug/xds`` shows it (the fields are the core's)."""
 
-    __slots__ = (
-        "ack",
-        "ack_nonce",
-        "acked",
-        "acked_data",
-        "bytes",
-        "error",
-        "last",
-        "pushed",
-        "responses",
-        "totals",
-    )
-
-    def __init__(self, totals: TypeBytes) -> None:
-        self.totals = totals  # the process-wide byte counters of this type
-        self.last: Any = None  # the peek of the last response
-        self.responses = 0
-        self.bytes = 0
-        self.pushed = 0.0  # perf_counter() when the last response was written to Envoy
-        self.ack = ""  # "ACK" or "NACK": the answer to a response, last seen
-        self.ack_nonce = ""
-        self.error: tuple[int, str] | None = None  # the last NACK's (code, message)
-        self.acked: Any = None  # the peek of Envoy's last ACK of this type
-        self.acked_data: bytes | None = None  # and its bytes (a reference, not a copy)
+    __slots__ = ()
 
     def nack(self, mode: Mode, data: bytes) -> None:
         """Record a NACK with its error_detail (decoding the request: NACKs are rare)."""
@@ -222,24 +199,23 @@ class Relay:
                 self.active = None
 
 
-class Session:
-    """One Envoy stream paired with one istiod stream."""
+class Session(route.RouteCore):
+    """One Envoy stream paired with one istiod stream.
+
+    The per-message path (both sinks, what they keep, ``_to_istiod_now``) is the core's:
+    :class:`xdsfast.route.RouteCore`."""
 
     def __init__(self, relay: Relay, downstream: Downstream, mode: Mode, session_id: int) -> None:
-        self.relay = relay
-        self.metrics = relay.metrics
-        self.downstream = downstream
         self.flavour = _FLAVOURS[mode]
+        super().__init__(
+            relay.metrics, downstream, self.flavour.peek_request, self.flavour.peek_response
+        )
+        self.relay = relay
         self.mode = mode
         self.id = session_id
-        self.requests: asyncio.Queue[bytes] = asyncio.Queue()
-        self.initial_requests_sent = False
+        self.requests = asyncio.Queue()
         self._replaced = asyncio.Event()
         self._replaced_why = ""
-        self.types: dict[str, _TypeState] = {}  # type URL -> what /debug/xds shows
-        self._plain: dict[str, _TypeState] = {}  # types the response sink may forward
-        self.upstream: Upstream | None = None
-        self._sending = False  # _to_istiod is writing a request (later ones queue behind)
         self.started = time.time()
 
     def _state(self, type_url: str) -> _TypeState:
@@ -378,48 +354,6 @@ class Session:
                 if cached_health is not None:
                     self._to_istiod_now(cached_health)
 
-    def _request_sink(self, data: bytes) -> bool:
-        """A request, in the engine's read callback: the common case without a task switch."""
-        try:
-            request = self.flavour.peek_request(data)
-        except wire.WireError:
-            return False  # _from_envoy reports it
-        if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
-            return False  # the first LDS request brings the agent's own: _from_envoy does it
-        self._to_istiod_now(data)  # istiod first: the bookkeeping is not on the request's path
-        self._note_request(data, request)
-        return True
-
-    def _note_request(self, data: bytes, request: Any) -> None:
-        """What /debug/xds and the metrics keep of a request from Envoy."""
-        size = len(data)
-        recv_max = self.metrics.pilot_xds_recv_max
-        if size > recv_max.value:
-            recv_max.value = size
-        state = self.types.get(request.type_url) or self._state(request.type_url)
-        state.totals.request += size
-        if request.response_nonce:
-            state.ack_nonce = request.response_nonce
-            if request.has_error_detail:
-                state.nack(self.mode, data)
-            else:
-                state.ack = "ACK"
-                state.acked, state.acked_data = request, data
-
-    def _to_istiod_now(self, data: bytes) -> None:
-        """Write a request to istiod at once if nothing is queued or being sent before it and
-        nothing would wait; else queue it for _to_istiod (never waits: see istio#39209)."""
-        upstream = self.upstream
-        if (
-            upstream is not None
-            and not self._sending
-            and self.requests.empty()
-            and upstream.try_send(data)
-        ):
-            self.metrics.xds_proxy_requests.value += 1
-        else:
-            self.requests.put_nowait(data)
-
     async def _to_istiod(self, upstream: Upstream) -> Ending:
         get = self.requests.get
         done = self.requests.task_done
@@ -495,30 +429,6 @@ class Session:
             except StreamError as exc:
                 return Ending("downstream", exc.status)
             self._forwarded(state, response, len(data), arrived)
-
-    def _response_sink(self, data: bytes) -> bool:
-        """A response, in the engine's read callback: a type already forwarded as it is goes
-        straight to Envoy when nothing would wait; anything else is _from_istiod's."""
-        arrived = time.perf_counter()
-        try:
-            response = self.flavour.peek_response(data)
-        except wire.WireError:
-            return False  # _from_istiod reports it
-        state = self._plain.get(response.type_url)
-        if state is None or not self.downstream.try_send(data):
-            return False
-        self.metrics.xds_proxy_responses.value += 1
-        self._forwarded(state, response, len(data), arrived)
-        return True
-
-    def _forwarded(self, state: _TypeState, response: Any, size: int, arrived: float) -> None:
-        """A response went to Envoy: what /debug/xds and the metrics keep of it."""
-        state.last = response
-        state.responses += 1
-        state.bytes += size
-        state.totals.response += size
-        state.pushed = written = time.perf_counter()
-        self.metrics.push_latency.observe(written - arrived)
 
     async def _rewrite(
         self, rewriter: Rewriter, data: bytes, response: Any, state: _TypeState

@@ -1,0 +1,3 @@
+# Stub for the compiled route core; kept in step with _route_py.py's signatures.
+from xdsfast._route_py import RouteCore as RouteCore
+from xdsfast._route_py import TypeState as TypeState

@@ -1,0 +1,166 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The relay's per-message path, compiled: line for line ``_route_py.py`` (the reference).
+
+``relay.Session`` subclasses :class:`RouteCore`; the engine calls its two sinks from
+the read callback that completed a message.  Python callers get ``def`` wrappers;
+the sinks call the ``cdef`` bodies directly (no per-call lookup of an override).
+"""
+
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from xdsfast._errors import WireError
+from xdsfast.intercept import LISTENER
+
+
+cdef inline double _perf_counter():
+    """``time.perf_counter()`` (CLOCK_MONOTONIC on Linux), without a call into Python."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class TypeState:
+    """One type on one stream, as ``/debug/xds`` shows it; kept per message."""
+
+    cdef public object totals  # the process-wide byte counters of this type
+    cdef public object last  # the peek of the last response
+    cdef public Py_ssize_t responses
+    cdef public Py_ssize_t bytes
+    cdef public double pushed  # perf_counter() when the last response was written to Envoy
+    cdef public str ack  # "ACK" or "NACK": the answer to a response, last seen
+    cdef public str ack_nonce
+    cdef public object error  # the last NACK's (code, message)
+    cdef public object acked  # the peek of Envoy's last ACK of this type
+    cdef public object acked_data  # and its bytes (a reference, not a copy)
+
+    def __init__(self, totals):
+        self.totals = totals
+        self.last = None
+        self.responses = 0
+        self.bytes = 0
+        self.pushed = 0.0
+        self.ack = ""
+        self.ack_nonce = ""
+        self.error = None
+        self.acked = None
+        self.acked_data = None
+
+    def nack(self, mode, data):
+        raise NotImplementedError  # the relay's subclass decodes the error detail
+
+
+cdef class RouteCore:
+    """One session's sinks and the state they keep; ``relay.Session`` is the rest."""
+
+    cdef public dict types
+    cdef public dict _plain
+    cdef public object requests
+    cdef public object upstream
+    cdef public object downstream
+    cdef public object metrics
+    cdef public bint initial_requests_sent
+    cdef public bint _sending
+    cdef object _peek_request, _peek_response
+    cdef object _requests_sent, _responses_received, _recv_max, _push_latency
+
+    def __init__(self, metrics, downstream, peek_request, peek_response):
+        self.metrics = metrics
+        self.downstream = downstream
+        self.upstream = None
+        self.types = {}
+        self._plain = {}
+        self.initial_requests_sent = False
+        self._sending = False
+        self._peek_request = peek_request
+        self._peek_response = peek_response
+        self._requests_sent = metrics.xds_proxy_requests
+        self._responses_received = metrics.xds_proxy_responses
+        self._recv_max = metrics.pilot_xds_recv_max
+        self._push_latency = metrics.push_latency
+
+    def _state(self, type_url):
+        raise NotImplementedError  # the relay's subclass makes its TypeState
+
+    def _request_sink(self, bytes data):
+        """A request, in the engine's read callback: the common case without a task switch."""
+        try:
+            request = self._peek_request(data)
+        except WireError:
+            return False  # _from_envoy reports it
+        if not self.initial_requests_sent and request.type_url == LISTENER:
+            return False  # the first LDS request brings the agent's own: _from_envoy does it
+        self._istiod_now(data)  # istiod first: the bookkeeping is not on the request's path
+        self._note(data, request)
+        return True
+
+    def _response_sink(self, bytes data):
+        """A response, in the engine's read callback: a type already forwarded as it is goes
+        straight to Envoy when nothing would wait; anything else is _from_istiod's."""
+        cdef double arrived = _perf_counter()
+        try:
+            response = self._peek_response(data)
+        except WireError:
+            return False  # _from_istiod reports it
+        state = self._plain.get(response.type_url)
+        if state is None or not self.downstream.try_send(data):
+            return False
+        self._responses_received.value += 1
+        self._forward(state, response, len(data), arrived)
+        return True
+
+    def _note_request(self, data, request):
+        """What /debug/xds and the metrics keep of a request from Envoy."""
+        self._note(data, request)
+
+    def _to_istiod_now(self, data):
+        """Write a request to istiod at once if nothing is queued or being sent before it and
+        nothing would wait; else queue it for _to_istiod (never waits: see istio#39209)."""
+        self._istiod_now(data)
+
+    def _forwarded(self, state, response, Py_ssize_t size, double arrived):
+        """A response went to Envoy: what /debug/xds and the metrics keep of it."""
+        self._forward(state, response, size, arrived)
+
+    cdef int _note(self, data, request) except -1:
+        cdef Py_ssize_t size = len(data)
+        cdef TypeState state
+        recv_max = self._recv_max
+        if size > recv_max.value:
+            recv_max.value = size
+        type_url = request.type_url
+        state = self.types.get(type_url) or self._state(type_url)
+        state.totals.request += size
+        nonce = request.response_nonce
+        if nonce:
+            state.ack_nonce = nonce
+            if request.has_error_detail:
+                state.nack(getattr(self, "mode"), data)  # the subclass's (NACKs are rare)
+            else:
+                state.ack = "ACK"
+                state.acked = request
+                state.acked_data = data
+        return 0
+
+    cdef int _istiod_now(self, data) except -1:
+        upstream = self.upstream
+        if (
+            upstream is not None
+            and not self._sending
+            and self.requests.empty()
+            and upstream.try_send(data)
+        ):
+            self._requests_sent.value += 1
+        else:
+            self.requests.put_nowait(data)
+        return 0
+
+    cdef int _forward(self, TypeState state, response, Py_ssize_t size,
+                      double arrived) except -1:
+        cdef double written
+        state.last = response
+        state.responses += 1
+        state.bytes += size
+        state.totals.response += size
+        state.pushed = written = _perf_counter()
+        self._push_latency.observe(written - arrived)
+        return 0
