@@ -832,14 +832,18 @@ def write_png(
         panels.append(("burst", "cpu", "relay CPU per pushed update + ACK\n(µs, lower is better)"))
     if not panels:
         raise BenchError("no storm or small-update results to chart")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
+    cols = min(3, len(panels))  # three a row: five panels stay readable
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     colours, relays = {}, 0
     for name in names:  # the baselines grey, every relay its own colour in every panel
         if name.startswith("direct"):
             colours[name] = "0.55" if name == "direct" else "0.75"
         else:
             colours[name], relays = f"C{relays % 10}", relays + 1
-    for ax, (workload, kind, title) in zip(axes[0], panels, strict=True):
+    for ax, (workload, kind, title) in zip(axes.flat, panels, strict=False):
         labels, values, lows, highs = [], [], [], []
         for name in names:
             agg = summary[name].get(workload)
