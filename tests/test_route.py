@@ -118,12 +118,20 @@ def snapshot(s: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize(("impl", "core"), IMPLS, ids=IDS)
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name)
+@pytest.fixture(
+    params=[(impl, core, mode) for impl, core in IMPLS for mode in Mode],
+    ids=[f"{name}-{mode.name}" for name in IDS for mode in Mode],
+)
+def routed(request: pytest.FixtureRequest) -> tuple[Any, Mode]:
+    """A session on each core, in each mode."""
+    impl, core, mode = request.param
+    return session(impl, core, mode), mode
+
+
 def test_response_sink_forwards_only_plain_types_when_the_write_would_not_wait(
-    impl: ModuleType, core: ModuleType, mode: Mode
+    routed: tuple[Any, Mode],
 ) -> None:
-    s = session(impl, core, mode)
+    s, mode = routed
     eds = response(mode, EDS, 1)
     assert s._response_sink(eds) is False  # not plain yet: _from_istiod's
     s._plain[EDS] = s._state(EDS)
@@ -138,12 +146,10 @@ def test_response_sink_forwards_only_plain_types_when_the_write_would_not_wait(
     assert (s.metrics.xds_proxy_responses.value, s.metrics.push_latency.count) == (1, 1)
 
 
-@pytest.mark.parametrize(("impl", "core"), IMPLS, ids=IDS)
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name)
 def test_request_sink_sends_at_once_or_queues_behind_what_waits(
-    impl: ModuleType, core: ModuleType, mode: Mode
+    routed: tuple[Any, Mode],
 ) -> None:
-    s = session(impl, core, mode)
+    s, mode = routed
     lds = request(mode, LISTENER, "", False)
     assert s._request_sink(lds) is False  # the first LDS request: _from_envoy adds the agent's
     s.initial_requests_sent = True

@@ -13,7 +13,8 @@ from xdsfast.intercept import LISTENER
 
 
 cdef inline double _perf_counter():
-    """``time.perf_counter()`` (CLOCK_MONOTONIC on Linux), without a call into Python."""
+    """``time.perf_counter()`` without a call into Python: both read CLOCK_MONOTONIC on
+    Linux, the platform the compiled modules are built for (``/debug/xds`` mixes them)."""
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
