@@ -48,7 +48,8 @@ from the kernel's VmHWM (reset before each workload).  Each round restarts the
 relays and interleaves the arrangements, so ratios are taken round by round.
 
     python benchmarks/relay_bench.py [--quick] [--delta] [--rounds N] [--only a,b,...]
-                                     [--big N] [--json out.json] [--png chart.png]
+                                     [--storm N] [--small N] [--burst N] [--big N]
+                                     [--json out.json] [--png chart.png]
 """
 
 from __future__ import annotations
