@@ -41,6 +41,13 @@ class RelaySideBySide:
         row: dict[str, Any] = cache[mode][ROWS[engine]]
         return row
 
+    @classmethod
+    def _cpu_us(cls, cache: dict[str, Any], mode: str, engine: str, workload: str) -> float:
+        per = relay_bench.cpu_per_message(cls._row(cache, mode, engine)[workload], 1e6)
+        if per is None:
+            raise KeyError(f"{engine} ({mode}) has no relay CPU for {workload}")
+        return per
+
     def track_storm_vs_direct(self, cache: dict[str, Any], mode: str, engine: str) -> float:
         return float(self._row(cache, mode, engine)["storm"]["ratio"])
 
@@ -48,8 +55,7 @@ class RelaySideBySide:
         return float(self._row(cache, mode, engine)["small"]["ratio"])
 
     def track_relay_cpu_per_update(self, cache: dict[str, Any], mode: str, engine: str) -> float:
-        small = self._row(cache, mode, engine)["small"]
-        return float(small["relay_cpu"] / small["count"] * 1e6)
+        return self._cpu_us(cache, mode, engine, "small")
 
     def track_pushed_updates_vs_direct(
         self, cache: dict[str, Any], mode: str, engine: str
@@ -60,8 +66,7 @@ class RelaySideBySide:
     def track_relay_cpu_per_pushed_update(
         self, cache: dict[str, Any], mode: str, engine: str
     ) -> float:
-        burst = self._row(cache, mode, engine)["burst"]
-        return float(burst["relay_cpu"] / burst["count"] * 1e6)
+        return self._cpu_us(cache, mode, engine, "burst")
 
     def track_update_latency_p50(self, cache: dict[str, Any], mode: str, engine: str) -> float:
         return float(self._row(cache, mode, engine)["small"]["p50"] * 1e6)

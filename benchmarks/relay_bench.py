@@ -639,6 +639,13 @@ def summarize(results: Results, names: tuple[str, ...]) -> dict[str, dict[str, A
     return summary
 
 
+def cpu_per_message(agg: dict[str, Any], scale: float) -> float | None:
+    """The relay's CPU seconds per message of a workload, times ``scale`` (1e3: ms, 1e6: µs);
+    None for a row without a relay process."""
+    cpu = agg.get("relay_cpu")
+    return None if cpu is None else cpu / agg["count"] * scale
+
+
 def _fmt(value: float | None, spec: str, na: str = "n/a") -> str:
     return na if value is None else format(value, spec)
 
@@ -684,35 +691,33 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             lines.append(f"{name:<{w}}{cells(name, row, row[workload], size)}")
 
     def storm(name: str, row: dict[str, Any], st: dict[str, Any], size: int) -> str:
-        cpu = st.get("relay_cpu")
         return (
             f"{st['wall']:>8.2f}{st['mbps']:>7.0f}{st['rate']:>10.1f}{ratio(st, name)}"
-            f"{_fmt(cpu and cpu / st['count'] * 1e3, '.2f'):>19}"
+            f"{_fmt(cpu_per_message(st, 1e3), '.2f'):>19}"
             f"{mib(row.get('idle_rss')):>14}{mib(st.get('peak_rss')):>6}"
             f"{mib(st.get('rss_after')):>7}"
         )
 
     def small(name: str, row: dict[str, Any], sm: dict[str, Any], size: int) -> str:
-        cpu, added = sm.get("relay_cpu"), sm.get("added_p50")
+        added = sm.get("added_p50")
         return (
             f"{sm['wall']:>8.2f}{sm['rate']:>11.0f}{ratio(sm, name)}"
             f"{sm['p50'] * 1e6:>9.0f}{sm['p99'] * 1e6:>9.0f}"
             f"{_fmt(added and added * 1e6, '+.0f', '-'):>14}"
-            f"{_fmt(cpu and cpu / sm['count'] * 1e6, '.0f'):>21}"
+            f"{_fmt(cpu_per_message(sm, 1e6), '.0f'):>21}"
         )
 
     def burst(name: str, row: dict[str, Any], bu: dict[str, Any], size: int) -> str:
-        cpu = bu.get("relay_cpu")
         return (
             f"{bu['wall']:>8.2f}{bu['rate']:>11.0f}{ratio(bu, name)}"
-            f"{_fmt(cpu and cpu / bu['count'] * 1e6, '.0f'):>21}"
+            f"{_fmt(cpu_per_message(bu, 1e6), '.0f'):>21}"
         )
 
     def big(name: str, row: dict[str, Any], bg: dict[str, Any], size: int) -> str:
-        cpu, over = bg.get("relay_cpu"), bg.get("peak_over_before")
+        over = bg.get("peak_over_before")
         return (
             f"{bg['wall']:>8.2f}{bg['p50'] * 1e3:>8.1f}"
-            f"{_fmt(cpu and cpu / bg['count'] * 1e3, '.1f'):>19}"
+            f"{_fmt(cpu_per_message(bg, 1e3), '.1f'):>19}"
             f"{mib(bg.get('rss_before')):>16}{mib(bg.get('peak_rss')):>6}"
             f"{mib(over):>13}{_fmt(over and over / size, '.2f') + 'x' if over else 'n/a':>11}"
         )
@@ -852,8 +857,8 @@ def write_png(
                 continue
             if kind == "ratio" and "ratio" in agg:
                 value, low, high = agg["ratio"], agg["ratio_min"], agg["ratio_max"]
-            elif kind == "cpu" and agg.get("relay_cpu") is not None:
-                value = low = high = agg["relay_cpu"] / agg["count"] * 1e6
+            elif kind == "cpu" and (per := cpu_per_message(agg, 1e6)) is not None:
+                value = low = high = per
             else:
                 continue
             labels.append(name)

@@ -198,11 +198,7 @@ cdef class Assembler:
             return None
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
-            if end > view.len:
-                end = view.len
-            if start < 0:
-                start = 0
-            return self._feed(<const uint8_t*>view.buf, start, end)
+            return self._feed(<const uint8_t*>view.buf, max(start, 0), min(end, view.len))
         finally:
             PyBuffer_Release(&view)
 
@@ -367,11 +363,7 @@ cdef class StreamCore:
         cdef Py_buffer view
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
-            if end > view.len:
-                end = view.len
-            if start < 0:
-                start = 0
-            self._payload(<const uint8_t*>view.buf, start, end)
+            self._payload(<const uint8_t*>view.buf, max(start, 0), min(end, view.len))
         finally:
             PyBuffer_Release(&view)
 
