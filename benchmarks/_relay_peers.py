@@ -339,7 +339,7 @@ class ControlPlane:
             if flavour.delta not in self._big:
                 self._big[flavour.delta] = [repeated_body(self.cds_body(flavour), BIG_BYTES)]
             size = len(flavour.stamp(self._big[flavour.delta][0], 0))
-        else:  # SMALL and BURST: the same EDS bodies, stamped at each send
+        else:  # SMALL and BURST: the same EDS bodies, each message stamped with its own nonce
             if flavour.delta not in self._small:
                 from xdsfast.demo import mesh
 
