@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from bisect import bisect_left
 from types import ModuleType
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from xdsfast import _core_py, _route_py, route, wire, xds_pb2
 from xdsfast.engines import Mode
 from xdsfast.intercept import LISTENER
-from xdsfast.metrics import Metrics
+from xdsfast.metrics import PUSH_LATENCY_BUCKETS, Metrics
 
 IMPLS: list[tuple[ModuleType, ModuleType]] = [(_route_py, _core_py)]
 with contextlib.suppress(ImportError):
@@ -235,11 +236,30 @@ def test_twins_agree_on_any_sequence_of_messages(events: list[Any], delta: bool)
     assert twin == compiled
 
 
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats() | st.sampled_from(PUSH_LATENCY_BUCKETS), max_size=40))
+def test_latency_counts_agree_on_any_values(values: list[float]) -> None:
+    """The push-latency histogram's counting, compiled and twin: the same bucket for every
+    value (a value on a bound counts in that bound's bucket, as bisect_left puts it)."""
+    seen = []
+    for impl, _ in IMPLS:
+        latencies = impl.Latencies(tuple(PUSH_LATENCY_BUCKETS))
+        for value in values:
+            latencies.observe(value)
+        seen.append((latencies.counts, latencies.count, repr(latencies.sum)))
+    expected = [0] * (len(PUSH_LATENCY_BUCKETS) + 1)
+    for value in values:
+        expected[bisect_left(PUSH_LATENCY_BUCKETS, value)] += 1
+    assert all(counts == expected and count == len(values) for counts, count, _ in seen)
+    assert all(entry == seen[0] for entry in seen)
+
+
 def test_the_active_route_core_follows_the_peeker() -> None:
     """One switch (XDSFAST_NO_EXTENSIONS) picks the twins everywhere, so they are
     reported as one: ``wire.IMPLEMENTATION``."""
     assert route.IMPLEMENTATION == wire.IMPLEMENTATION
     if route.IMPLEMENTATION == "cython":
-        assert route.RouteCore.__module__ == "xdsfast._route"
+        assert route.RouteCore.__module__ == route.Latencies.__module__ == "xdsfast._route"
     else:
         assert route.RouteCore is _route_py.RouteCore
+        assert route.Latencies is _route_py.Latencies

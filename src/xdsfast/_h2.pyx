@@ -7,7 +7,9 @@ the end of the buffer explicitly, which is why Cython's bounds checks are off.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize,
+)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
@@ -295,6 +297,7 @@ cdef enum:
 
 cdef Py_ssize_t _MAX_WINDOW = 2147483647
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+READ_SIZE = 256 << 10  # the connection's read buffer (uvloop's own read size)
 
 
 
@@ -473,29 +476,50 @@ cdef class ConnCore:
     cdef public object header_block  # HEADERS awaiting CONTINUATION, or None
     cdef public double last_read  # time.monotonic() of the last read
     cdef public list _window_waiters
+    cdef bytearray _rbuf  # what get_buffer() lends the transport, allocated at first use
 
     def __cinit__(self, *args, **kwargs):
         self.buf = bytearray()
         self.streams = {}
         self._window_waiters = []
 
+    def get_buffer(self, Py_ssize_t sizehint):
+        """asyncio.BufferedProtocol: reads land in one buffer per connection, parsed where
+        they lie, so no bytes object per read (and, over TLS, no join of decrypted chunks)."""
+        if self._rbuf is None:
+            self._rbuf = PyByteArray_FromStringAndSize(NULL, READ_SIZE)
+        return self._rbuf
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef bytearray rbuf = self._rbuf
+        if rbuf is not None and 0 < nbytes <= len(rbuf):
+            self._on_read(rbuf, <const uint8_t*>PyByteArray_AS_STRING(rbuf), nbytes)
+
     def data_received(self, data):
+        self._on_read(data, NULL, 0)
+
+    cdef int _on_read(self, object data, const uint8_t* p, Py_ssize_t size) except -1:
+        """One read: all of ``data`` (``p`` NULL), or ``p[:size]``, the start of ``data``."""
         if self.closed:
-            return
+            return 0
         self.last_read = _monotonic()
         try:
-            if self.preface_seen:
+            if not self.preface_seen:  # once per connection
+                self._receive_preface(data if p == NULL else <object>PyBytes_FromStringAndSize(
+                    <const char*>p, size))
+            elif p == NULL:
                 self._feed(data)
             else:
-                self._receive_preface(data)
+                self._receive_buf(data, p, size)
         except H2ConnectionError as exc:
             self.abort(exc.code, str(exc))
-            return
+            return 0
         except Exception as exc:  # a bug: never let it escape into the event loop
             self.engine_error(exc)
-            return
+            return 0
         if not self.closed and self.conn_credit >= self.conn_window // 4:
             self._credit_conn()
+        return 0
 
     cdef int _receive_preface(self, data) except -1:
         cdef bytearray buf = self.buf

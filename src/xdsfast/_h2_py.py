@@ -163,6 +163,7 @@ _END_STREAM, _PADDED = 0x1, 0x8
 _PROTOCOL_ERROR, _FLOW_CONTROL_ERROR, _STREAM_CLOSED, _FRAME_SIZE_ERROR = 1, 3, 5, 6
 _MAX_WINDOW = 2**31 - 1
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+READ_SIZE = 256 << 10
 
 
 class StreamCore:
@@ -304,6 +305,7 @@ class ConnCore:
         self.header_block = None
         self.last_read = 0.0
         self._window_waiters: list[asyncio.Future[None]] = []
+        self._rbuf: bytearray | None = None
 
     # Called by name; the engine's subclass defines them.
     def on_frame(
@@ -329,7 +331,19 @@ class ConnCore:
     def _wake_window(self) -> None:
         raise NotImplementedError
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        """asyncio.BufferedProtocol: one read buffer per connection (see ``_h2.pyx``)."""
+        if self._rbuf is None:
+            self._rbuf = bytearray(READ_SIZE)
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        rbuf = self._rbuf
+        if rbuf is not None and 0 < nbytes <= len(rbuf):
+            with memoryview(rbuf) as view, view[:nbytes] as data:
+                self.data_received(data)
+
+    def data_received(self, data: Buffer) -> None:
         if self.closed:
             return
         self.last_read = time.monotonic()
@@ -347,7 +361,7 @@ class ConnCore:
         if not self.closed and self.conn_credit >= self.conn_window // 4:
             self._flush_conn_credit()
 
-    def _receive_preface(self, data: bytes) -> None:
+    def _receive_preface(self, data: Buffer) -> None:
         buf = self.buf
         buf += data
         if len(buf) < len(PREFACE):

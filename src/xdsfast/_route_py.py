@@ -13,12 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xdsfast._errors import WireError
 from xdsfast.intercept import LISTENER
-from xdsfast.metrics import Metrics, TypeBytes
+
+if TYPE_CHECKING:  # metrics builds its histograms on Latencies: no import at run time
+    from xdsfast.metrics import Metrics, TypeBytes
+
+
+class Latencies:
+    """A histogram's counts, observed per forwarded response; ``metrics.LatencyHistogram``
+    names and exposes it (compiled, observing costs no call into Python)."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
 
 
 class TypeState:

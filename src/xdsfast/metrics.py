@@ -11,11 +11,10 @@ per message: an attribute increment, no lock.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from xdsfast import wire
+from xdsfast import route, wire
 
 PREFIX = "istio_agent_"
 
@@ -204,25 +203,17 @@ def _float(value: float) -> str:
     return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
 
 
-class LatencyHistogram:
-    """A histogram observed per forwarded response: a bisect and three additions, no lock
-    (prometheus-client's costs ~2 µs an observation, more than the rest of the relay's
-    per-message bookkeeping)."""
+class LatencyHistogram(route.Latencies):
+    """A histogram observed per forwarded response: the counting is ``route.Latencies``
+    (compiled: no call into Python; prometheus-client's costs ~2 µs an observation, more
+    than the rest of the relay's per-message bookkeeping), the name and exposition here."""
 
-    __slots__ = ("bounds", "count", "counts", "doc", "name", "sum")
+    __slots__ = ("doc", "name")
 
     def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        super().__init__(bounds)
         self.name = name
         self.doc = doc
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
 
     def get(self, suffix: str) -> float:
         return float(self.count) if suffix == "_count" else self.sum

@@ -1,12 +1,13 @@
 """The fast engine: gRPC over HTTP/2 written for this one job, on asyncio Protocols.
 
-One ``_Connection`` (an ``asyncio.Protocol``) per TCP/Unix/TLS connection; the server
-side serves Envoy (h2c, many streams), the client side carries one stream to istiod
+One ``_Connection`` (an ``asyncio.BufferedProtocol``) per TCP/Unix/TLS connection; the
+server side serves Envoy (h2c, many streams), the client side carries one stream to istiod
 per connection.  The per-read path is ``xdsfast._h2`` (Cython, or its twin ``_h2_py``):
-``ConnCore.data_received`` finds frames, keeps the windows, feeds DATA to the stream's
-reassembler and hands complete messages to the relay's sink, calling back into this
-module only for the other frames.  Outgoing messages go to the transport as frame
-headers plus slices of the message, never joined.
+reads land in the connection's own buffer (``ConnCore.get_buffer``; over TLS, uvloop
+decrypts into it), where ``ConnCore.buffer_updated`` finds frames, keeps the windows,
+feeds DATA to the stream's reassembler and hands complete messages to the relay's sink,
+calling back into this module only for the other frames.  Outgoing messages go to the
+transport as frame headers plus slices of the message, never joined.
 
 Flow control bounds memory both ways: a stream's receive window is credited back
 only for bytes the relay has taken with ``recv()`` (or that belong to a message still
@@ -229,11 +230,11 @@ class _Stream(_h2.StreamCore):
 # -- connection ------------------------------------------------------------------------------
 
 
-class _Connection(_h2.ConnCore, asyncio.Protocol):
+class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
     """HTTP/2 framing, settings, flow control, pings and GOAWAY; sides subclass it.
 
-    The per-read path (``data_received``: frames found, DATA to streams, WINDOW_UPDATE,
-    credit) is ``_h2.ConnCore``'s; every other frame comes to ``on_frame``."""
+    The per-read path (``get_buffer``/``buffer_updated``: frames found, DATA to streams,
+    WINDOW_UPDATE, credit) is ``_h2.ConnCore``'s; every other frame comes to ``on_frame``."""
 
     def __init__(self, keepalive_interval: float, keepalive_timeout: float, client: bool) -> None:
         super().__init__()
