@@ -448,11 +448,13 @@ async def test_unconsumed_requests_are_not_credited(short_tmp: Path) -> None:
 
 class Sinking:
     """A handler whose sink takes messages starting with ``T`` and leaves the rest to recv();
-    it records who got what, and yields between recv()s so messages queue up meanwhile."""
+    it records who got what, and yields between recv()s so messages queue up meanwhile.
+    With ``offer``, it offers what queued to the sink before each recv(), as the relay does."""
 
-    def __init__(self) -> None:
+    def __init__(self, offer: bool = False) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.parked = asyncio.Event()
+        self.offer = offer
 
     def sink(self, data: bytes) -> bool:
         if data.startswith(b"T"):
@@ -464,6 +466,8 @@ class Sinking:
         assert downstream.set_sink(self.sink)
         while True:
             self.parked.set()
+            if self.offer:
+                downstream.offer_queued()
             data = await downstream.recv()
             if data is None:
                 return Status()
@@ -473,9 +477,9 @@ class Sinking:
 
 
 @contextlib.asynccontextmanager
-async def sinking_stream(path: Path) -> AsyncIterator[tuple[Sinking, Raw]]:
+async def sinking_stream(path: Path, offer: bool = False) -> AsyncIterator[tuple[Sinking, Raw]]:
     """A server with a :class:`Sinking` handler and a raw client whose stream 1 it waits on."""
-    handler = Sinking()
+    handler = Sinking(offer)
     srv = engine.FastServer(handler)
     await srv.start(str(path), None)
     try:
@@ -491,19 +495,21 @@ async def sinking_stream(path: Path) -> AsyncIterator[tuple[Sinking, Raw]]:
 @given(
     kinds=st.lists(st.sampled_from("TR"), min_size=1, max_size=40),
     cuts=st.lists(st.integers(1, 60), min_size=1, max_size=8),
+    offer=st.booleans(),
 )
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 def test_the_sink_never_reorders_messages(
-    short_tmp: Path, kinds: list[str], cuts: list[int]
+    short_tmp: Path, kinds: list[str], cuts: list[int], offer: bool
 ) -> None:
     """Whatever the sink takes or leaves, and however the bytes arrive, the messages are
-    consumed in the order they were sent, each once."""
+    consumed in the order they were sent, each once; with offer_queued() before each recv(),
+    recv() only ever gets what the sink declined."""
     sent = [f"{kind}{i}".encode() * (i % 7 + 1) for i, kind in enumerate(kinds)]
 
     async def scenario() -> list[tuple[str, bytes]]:
-        async with sinking_stream(short_tmp / "s.sock") as (handler, raw):
+        async with sinking_stream(short_tmp / "s.sock", offer) as (handler, raw):
             payload = b"".join(grpc_message(m) for m in sent)
             pos, i = 0, 0
             while pos < len(payload):  # in pieces, each a DATA frame, yielding in between
@@ -518,6 +524,8 @@ def test_the_sink_never_reorders_messages(
 
     got = asyncio.run(scenario())
     assert [data for _, data in got] == sent
+    if offer:
+        assert all(data.startswith(b"R") for who, data in got if who == "recv")
 
 
 async def test_the_sink_takes_messages_while_recv_waits(short_tmp: Path) -> None:

@@ -232,6 +232,29 @@ def test_messages_go_to_the_sink_and_the_rest_are_queued_in_order(h2: ModuleType
 
 
 @pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_offer_queued_hands_the_sink_what_queued_until_it_declines(h2: ModuleType) -> None:
+    conn, log = build(h2)
+    stream = conn.streams[1]
+    stream.messages.extend([b"T1", b"T2", b"R3", b"T4"])
+    stream.held = 40
+    stream.offer_queued()
+    assert [entry[1] for entry in log if entry[0] == "sink"] == [b"T1", b"T2", b"R3"]
+    assert list(stream.messages) == [b"R3", b"T4"]  # R3 declined: it and all behind it wait
+    assert (stream.held, stream.credit) == (40, 0)  # credit waits for the queue to empty
+    assert stream.messages.popleft() == b"R3"  # what recv() does with it
+    stream.offer_queued()
+    assert not stream.messages
+    assert (stream.held, stream.credit) == (0, 40)  # emptied: all of it credited
+    assert conn.transport.out == [
+        header(len(m) + 5, DATA, 0, 3) + grpc(m) for m in (b"T1", b"T2", b"T4")
+    ]  # the sink's try_send, in order
+    stream.messages.append(b"X5")  # a bug in the sink: recv() gets it, the sink is dropped
+    stream.offer_queued()
+    assert list(stream.messages) == [b"X5"] and stream.sink is None
+    assert log[-1] == ("sink_failed", 1, "a bug in the sink")
+
+
+@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_try_send_writes_only_to_a_sendable_stream_that_has_not_failed(h2: ModuleType) -> None:
     conn, _ = build(h2)
     stream = conn.streams[3]

@@ -393,15 +393,31 @@ cdef class StreamCore:
         """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
         cdef Py_ssize_t i
         for i in range(len(messages)):
-            try:
-                taken = self.sink(messages[i])
-            except Exception as exc:  # a bug in the sink: recv() gets the message instead
-                self.sink = None
-                self.sink_failed(exc)
-                taken = False
-            if not taken:
+            if not self._take(messages[i]):
                 return messages[i:] if i else messages
         return None
+
+    cdef bint _take(self, message) except -1:
+        """The sink took ``message``; a bug in the sink: recv() gets it (and all) instead."""
+        try:
+            return self.sink(message)
+        except Exception as exc:
+            self.sink = None
+            self.sink_failed(exc)
+            return False
+
+    def offer_queued(self):
+        """Hand messages queued for recv() to the sink, in order, until it declines: once
+        the relay's slow path has sent the one that had to wait, those queued behind it go
+        on from here, not one task step each."""
+        cdef object messages = self.messages
+        if not messages or self.sink is None:
+            return
+        while messages:
+            if not self._take(messages[0]):
+                return
+            messages.popleft()
+        self._credit_held()
 
     def _release(self):
         self._credit_held()

@@ -230,15 +230,30 @@ class StreamCore:
     def _offer(self, messages: list[bytes]) -> list[bytes] | None:
         """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
         for i, message in enumerate(messages):
-            try:
-                taken = self.sink(message)  # type: ignore[misc]
-            except Exception as exc:  # a bug in the sink: recv() gets the message instead
-                self.sink = None
-                self.sink_failed(exc)
-                taken = False
-            if not taken:
+            if not self._take(message):
                 return messages[i:]
         return None
+
+    def _take(self, message: bytes) -> bool:
+        """The sink took ``message``; a bug in the sink: recv() gets it (and all) instead."""
+        try:
+            return bool(self.sink(message))  # type: ignore[misc]
+        except Exception as exc:
+            self.sink = None
+            self.sink_failed(exc)
+            return False
+
+    def offer_queued(self) -> None:
+        """Hand messages queued for recv() to the sink, in order, until it declines (see
+        ``_h2.pyx``)."""
+        messages = self.messages
+        if not messages or self.sink is None:
+            return
+        while messages:
+            if not self._take(messages[0]):
+                return
+            messages.popleft()
+        self._release()
 
     def _release(self) -> None:
         """Credit everything held (called when the queue is empty)."""

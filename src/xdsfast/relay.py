@@ -321,10 +321,11 @@ class Session(route.RouteCore):
     async def _from_envoy(self) -> Ending:
         """Envoy -> istiod, for what the sink left; after the first LDS request, the agent's
         own requests too."""
-        recv = self.downstream.recv
+        recv, offer = self.downstream.recv, self.downstream.offer_queued
         peek = self.flavour.peek_request
         debug = _log.isEnabledFor(logging.DEBUG)
         while True:
+            offer()  # what queued behind the last request goes on through the sink if it can
             try:
                 data = await recv()
             except StreamError as exc:
@@ -372,7 +373,7 @@ class Session(route.RouteCore):
             done()
 
     async def _from_istiod(self, upstream: Upstream) -> Ending:
-        recv = upstream.recv
+        recv, offer = upstream.recv, upstream.offer_queued
         send = self.downstream.send
         peek = self.flavour.peek_response
         interceptors = self.relay.interceptors
@@ -386,6 +387,7 @@ class Session(route.RouteCore):
             # The last response must not stay alive while the next one is read: a 20 MB
             # push would cost twice its size (measured: peak RSS 2.0x -> 1.0x the message).
             data = None
+            offer()  # what queued behind the last response goes on through the sink if it can
             try:
                 data = await recv()
             except StreamError as exc:

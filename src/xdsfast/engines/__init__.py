@@ -89,6 +89,11 @@ class _Stream(Protocol):
         """Offer arriving messages to ``sink`` while recv() is awaited and nothing is queued
         (so the order holds); False if this engine cannot (recv() then gets every message)."""
 
+    def offer_queued(self) -> None:
+        """Offer the sink the messages queued for recv(), in order, until it declines: the
+        relay calls it before each recv(), so once one message has had to wait, those
+        queued behind it still take the fast path."""
+
 
 class Downstream(_Stream, Protocol):
     """Envoy's side of one stream."""

@@ -634,12 +634,13 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
 class _Downstream:
     """Envoy's side of one stream."""
 
-    __slots__ = ("_stream", "peer", "try_send")
+    __slots__ = ("_stream", "offer_queued", "peer", "try_send")
 
     def __init__(self, stream: _Stream, peer: str) -> None:
         self._stream = stream
         self.peer = peer
         self.try_send = stream.try_send  # the core's, called straight from the relay's sink
+        self.offer_queued = stream.offer_queued  # the core's too
 
     async def recv(self) -> bytes | None:
         return await self._stream.next_message()
@@ -916,7 +917,7 @@ def _status_of(fields: dict[bytes, bytes]) -> Status:
 class _Upstream:
     """istiod's side of one stream, over its own connection."""
 
-    __slots__ = ("_conn", "_half_closed", "_stream", "try_send")
+    __slots__ = ("_conn", "_half_closed", "_stream", "offer_queued", "try_send")
 
     def __init__(self, conn: _ClientConnection, stream: _Stream) -> None:
         self._conn = conn
@@ -924,6 +925,7 @@ class _Upstream:
         self._half_closed = False
         stream.sendable = True  # its headers are out
         self.try_send = stream.try_send  # the core's, called straight from the relay's sink
+        self.offer_queued = stream.offer_queued  # the core's too
 
     async def half_close(self) -> None:
         conn, stream = self._conn, self._stream

@@ -48,6 +48,9 @@ class _AsyncOnly:
     def set_sink(self, sink: Sink | None) -> bool:
         return False
 
+    def offer_queued(self) -> None:
+        pass
+
 
 class _Downstream(_AsyncOnly):
     """Envoy's side of one stream, over a grpc.aio servicer context."""
