@@ -255,6 +255,26 @@ def test_offer_queued_hands_the_sink_what_queued_until_it_declines(h2: ModuleTyp
 
 
 @pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_a_coalescing_connection_writes_what_one_read_made_at_once(
+    h2: ModuleType, coalesce: bool
+) -> None:
+    """Over TLS each write is its own record: what the sink forwards during one read goes
+    out joined when the read's callback ends.  Without ``coalesce``, each at once."""
+    conn, log = build(h2)
+    conn.coalesce = coalesce
+    wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    payload = grpc(b"T1") + grpc(b"T2") + grpc(b"T3")
+    conn.data_received(wire)
+    conn.data_received(header(len(payload), DATA, 0, 1) + payload)
+    assert [entry[1] for entry in log if entry[0] == "sink"] == [b"T1", b"T2", b"T3"]
+    frames = [header(7, DATA, 0, 3) + grpc(m) for m in (b"T1", b"T2", b"T3")]
+    assert conn.transport.out == ([b"".join(frames)] if coalesce else frames)
+    conn.write(b"after")  # outside a read callback: at once
+    assert conn.transport.out[-1] == b"after"
+
+
+@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_try_send_writes_only_to_a_sendable_stream_that_has_not_failed(h2: ModuleType) -> None:
     conn, _ = build(h2)
     stream = conn.streams[3]

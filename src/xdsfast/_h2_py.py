@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from xdsfast._errors import H2ConnectionError
 
@@ -286,9 +286,17 @@ class StreamCore:
         ):
             self.send_window -= total
             conn.send_window -= total
-            conn.transport.writelines(data_frames(data, 0, total, self.id, total))
+            conn.writelines(data_frames(data, 0, total, self.id, total))
             return True
         return False
+
+
+class _Batch:
+    """Writes held by connections with ``coalesce`` set during a read callback (see
+    ``_h2.pyx``): written joined, once, when it ends."""
+
+    depth = 0
+    conns: ClassVar[list[ConnCore]] = []
 
 
 class ConnCore:
@@ -321,6 +329,8 @@ class ConnCore:
         self.last_read = 0.0
         self._window_waiters: list[asyncio.Future[None]] = []
         self._rbuf: bytearray | None = None
+        self.coalesce = False  # hold writes made in a read callback, write them joined after
+        self._pending: list[Any] | None = None
 
     # Called by name; the engine's subclass defines them.
     def on_frame(
@@ -362,6 +372,17 @@ class ConnCore:
         if self.closed:
             return
         self.last_read = time.monotonic()
+        _Batch.depth += 1
+        try:
+            self._read(data)
+        finally:
+            _Batch.depth -= 1
+            if not _Batch.depth and _Batch.conns:
+                held, _Batch.conns = _Batch.conns, []
+                for conn in held:
+                    conn.flush()
+
+    def _read(self, data: Buffer) -> None:
         try:
             if self.preface_seen:
                 self._receive(data)
@@ -563,5 +584,24 @@ class ConnCore:
         self.write(frame_u32(_WINDOW_UPDATE, 0, credit))
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        self.writelines([data])
+
+    def writelines(self, chunks: Any) -> None:
+        if self.transport is None or self.closed:
+            return
+        if not (self.coalesce and _Batch.depth):
+            self.transport.writelines(chunks)
+            return
+        if self._pending is None:
+            self._pending = []
+            _Batch.conns.append(self)
+        self._pending.extend(chunks)
+
+    def flush(self) -> None:
+        """Write what this connection holds now (before closing it, say)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self.transport is not None and not self.closed:
+            try:
+                self.transport.write(b"".join(pending))
+            except Exception as exc:  # a bug: never let it escape into the event loop
+                self.engine_error(exc)

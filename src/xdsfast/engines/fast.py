@@ -24,7 +24,6 @@ import ssl
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import Union, cast
 from urllib.parse import quote, unquote
 
@@ -285,7 +284,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         self.recv_window = CONN_WINDOW
         if self.client:
             hello.insert(0, PREFACE)
-        self.transport.writelines(hello)
+        self.writelines(hello)
         if self.keepalive_interval > 0:
             self._keepalive = self.loop.call_later(self.keepalive_interval, self._keepalive_tick)
 
@@ -337,10 +336,6 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         stream.fail(error)
 
     # writing
-
-    def writelines(self, chunks: Sequence[Chunk]) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.writelines(chunks)
 
     async def drain(self) -> None:
         if not self.write_paused or self.closed:
@@ -404,6 +399,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
     def close(self, why: str) -> None:
         if not self.close_reason:
             self.close_reason = why
+        self.flush()  # what this connection holds goes out before it closes
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         elif self.transport is None:
@@ -847,6 +843,7 @@ class FastServer:
 class _ClientConnection(_Connection):
     def __init__(self, settings: DialSettings) -> None:
         super().__init__(settings.keepalive_interval, settings.keepalive_timeout, client=True)
+        self.coalesce = settings.tls is not None  # one TLS record for the ACKs a read carried
         self.stream: _Stream | None = None
         self.headers_seen = False
 
