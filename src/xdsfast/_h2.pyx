@@ -801,28 +801,31 @@ cdef class ConnCore:
         self._flush()
 
     cdef int _put(self, data) except -1:
+        return self._out(data, False)
+
+    cdef int _put_all(self, list chunks) except -1:
+        return self._out(chunks, True)
+
+    cdef int _out(self, data, bint many) except -1:
+        """Write ``data`` (a list of chunks if ``many``) now, or hold it: ``coalesce`` set
+        and inside a read callback."""
+        cdef list held
         if self.transport is None or self.closed:
             return 0
         if self.coalesce and _batch_depth:
-            self._hold().append(data)
+            if self._pending is None:
+                self._pending = []
+                _batched.append(self)
+            held = self._pending
+            if many:
+                held.extend(data)
+            else:
+                held.append(data)
+        elif many:
+            self.transport.writelines(data)
         else:
             self.transport.write(data)
         return 0
-
-    cdef int _put_all(self, list chunks) except -1:
-        if self.transport is None or self.closed:
-            return 0
-        if self.coalesce and _batch_depth:
-            self._hold().extend(chunks)
-        else:
-            self.transport.writelines(chunks)
-        return 0
-
-    cdef list _hold(self):
-        if self._pending is None:
-            self._pending = []
-            _batched.append(self)
-        return self._pending
 
     cdef int _flush(self) except -1:
         cdef list pending = self._pending
