@@ -7,7 +7,8 @@ reads land in the connection's own buffer (``ConnCore.get_buffer``; over TLS, uv
 decrypts into it), where ``ConnCore.buffer_updated`` finds frames, keeps the windows,
 feeds DATA to the stream's reassembler and hands complete messages to the relay's sink,
 calling back into this module only for the other frames.  Outgoing messages go to the
-transport as frame headers plus slices of the message, never joined.
+transport as frame headers plus slices of the message, never joined; only over TLS are the
+small writes one read callback made joined, into one record (``ConnCore.coalesce``).
 
 Flow control bounds memory both ways: a stream's receive window is credited back
 only for bytes the relay has taken with ``recv()`` (or that belong to a message still
@@ -24,7 +25,7 @@ import ssl
 import tempfile
 import time
 from collections import deque
-from typing import Union, cast
+from typing import cast
 from urllib.parse import quote, unquote
 
 import hpack
@@ -100,8 +101,6 @@ _RST_TO_GRPC = {NO_ERROR: Code.INTERNAL, REFUSED_STREAM: Code.UNAVAILABLE, CANCE
                 ENHANCE_YOUR_CALM: Code.RESOURCE_EXHAUSTED}  # fmt: skip
 
 _PATHS = {f"/{SERVICE}/{mode.value}".encode(): mode for mode in Mode}
-
-Chunk = Union[bytes, memoryview]
 
 
 def _header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
