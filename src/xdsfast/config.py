@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from xdsfast import heap
 from xdsfast.health import Probe, ProbeError, probe_from_config
 
 DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
@@ -83,6 +84,9 @@ class Config:
     node_id: str = "sidecar~127.0.0.1~xdsfast.default~default.svc.cluster.local"
     node_metadata: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     engine: str = "fast"  # --engine / XDSFAST_ENGINE: the transport, "fast" or "grpcio"
+    # XDSFAST_HEAP_RELEASE_INTERVAL: freed buffers are kept for the next push and given back
+    # this often (seconds); 0 (or glibc malloc tuned through its own variables): glibc's policy
+    heap_release_interval: float = 5.0
     # ECDS Wasm conversion (Istio's env vars; the cache directory also --wasm-cache-dir)
     wasm_conversion: bool = True  # ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION
     wasm_cache_dir: str = "/var/lib/istio/data"
@@ -171,6 +175,7 @@ class Config:
             node_id=_first(flags.get("node_id"), None, node_id(env)),
             node_metadata=node_metadata(env),
             engine=_engine(flags.get("engine"), env),
+            heap_release_interval=_heap_release_interval(env),
             wasm_conversion=env.get("ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", "") == ""
             or _bool(env, "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"),
             wasm_cache_dir=_first(flags.get("wasm_cache_dir"), None, "/var/lib/istio/data"),
@@ -332,7 +337,9 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+def _duration(
+    env: Mapping[str, str], name: str, default: float, *, zero_allowed: bool = False
+) -> float:
     value = env.get(name, "")
     if value == "":
         return default
@@ -340,9 +347,15 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
         seconds = parse_duration(value)
     except ValueError:
         raise ConfigError(f"{name}={value!r} is not a duration (like 30s or 1m)") from None
-    if seconds <= 0:
+    if seconds == 0 and not zero_allowed:
         raise ConfigError(f"{name}={value!r} must be positive")
     return seconds
+
+
+def _heap_release_interval(env: Mapping[str, str]) -> float:
+    """0 when the operator tuned glibc's malloc themselves: their settings stand."""
+    interval = _duration(env, "XDSFAST_HEAP_RELEASE_INTERVAL", 5.0, zero_allowed=True)
+    return 0.0 if heap.operator_tuned(env) else interval
 
 
 _HEADER_NAME = re.compile(r"^[0-9a-z_.-]+$")
