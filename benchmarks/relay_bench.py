@@ -12,6 +12,9 @@ ratios against direct, which are what to read on a noisy shared machine:
                   any grpc.aio relay, to tell the relay's own overhead from gRPC's
 * ``forwarder``   (opt-in) bytes copied between the two sockets by asyncio Protocols on
                   uvloop, no HTTP/2 awareness: the floor for any relay in Python
+* ``socat``       (opt-in) Debian's socat copying bytes between the two sockets, in C
+                  (one forked process per connection): the floor for any relay process
+                  on the machine, whatever its language
 
 Opt-in (``--only``) TLS rows: the control plane also serves TLS (h2 ALPN) with a
 throw-away CA and server certificate made at run time, as istiod's port 15012:
@@ -81,7 +84,7 @@ from typing import IO, Any
 PEERS = Path(__file__).with_name("_relay_peers.py")
 ARRANGEMENTS = (
     "direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare", "forwarder",
-    "direct-tls", "xdsfast-tls", "xdsfast-fast-tls",
+    "direct-tls", "xdsfast-tls", "xdsfast-fast-tls", "socat",
 )  # fmt: skip
 DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
 WORKLOADS = ("storm", "small", "burst", "big")
@@ -315,10 +318,20 @@ class PeakRss:
 
 
 def cpu_seconds(pid: int) -> float:
+    """The process's CPU, with that of children it has reaped (socat's per connection)."""
     import psutil
 
     t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+def wait_children_reaped(pid: int, timeout: float = 10.0) -> None:
+    """Until ``pid`` has no child left (their CPU is then in its own times)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while psutil.Process(pid).children() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def rss(pid: int) -> int:
@@ -412,6 +425,18 @@ class Bench:
             return Relay(name, str(self.tls_upstream), tls=self.tls)
         sock = self.tmp / name / "XDS"
         sock.parent.mkdir(exist_ok=True)
+        if name == "socat":
+            if shutil.which("socat") is None:
+                raise BenchError("socat: not installed (Debian's socat package)")
+            child = self.children.start(
+                name,
+                ["socat", "-d", "-d", "-b", str(256 << 10),
+                 f"UNIX-LISTEN:{sock},fork", f"TCP:{self.upstream},nodelay"],
+                env=clean_env(),
+                events_from="stderr",
+            )  # fmt: skip
+            child.wait_line(lambda line: "listening on" in line, READY_TIMEOUT, "listening")
+            return Relay(name, f"unix:{sock}", child, None, "bytes, no HTTP/2 (C)")
         if name in ("naive", "bare", "forwarder"):
             role = "forwarder" if name == "forwarder" else "naive"
             child = self.children.start(
@@ -474,7 +499,8 @@ class Bench:
         pid = relay.child.pid if relay.child else None
         rss_before = rss(pid) if pid else None
         cpu0 = cpu_seconds(pid) if pid else 0.0
-        peak = PeakRss(pid) if pid else None
+        # socat's work (and memory) is in the process it forks per connection: CPU only.
+        peak = PeakRss(pid) if pid and relay.name != "socat" else None
         command = {
             "op": "run",
             "target": relay.target,
@@ -490,10 +516,13 @@ class Bench:
             cp = self.cp.expect("done", timeout)
         self.client.send({"op": "close"})
         self.client.expect("done", 30)
+        if pid and relay.name == "socat":
+            wait_children_reaped(pid)  # the connection's process, with its CPU
         out: dict[str, Any] = {"count": count, "message_bytes": planned["message_bytes"]}
         out["cp_cpu"], out["client_cpu"] = cp["cpu"], cl["cpu"]
-        if pid and peak:
+        if pid:
             out["relay_cpu"] = cpu_seconds(pid) - cpu0
+        if pid and peak:
             out["peak_rss"], out["peak_rss_exact"] = peak.peak, peak.exact
             out["rss_before"], out["rss_after"] = rss_before, rss(pid)
         if workload in ("storm", "burst"):
