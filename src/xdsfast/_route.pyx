@@ -73,10 +73,24 @@ cdef class Latencies:
         self.sum += value
 
 
+cdef class Tally:
+    """A counter's number as a C field (``metrics.Count`` subclasses it), so the sinks
+    count a message without a Python attribute get, add and set."""
+
+    cdef public long long value
+
+
+cdef class ByteTotals:
+    """One type URL's bytes per direction as C fields (``metrics.TypeBytes``)."""
+
+    cdef public long long request, response
+
+
 cdef class TypeState:
     """One type on one stream, as ``/debug/xds`` shows it; kept per message."""
 
-    cdef public object totals  # the process-wide byte counters of this type
+    cdef readonly object totals  # the process-wide byte counters of this type
+    cdef ByteTotals _totals  # the same when compiled (added to in C), else None
     cdef public object last  # the peek of the last response
     cdef public Py_ssize_t responses
     cdef public Py_ssize_t bytes
@@ -89,6 +103,8 @@ cdef class TypeState:
 
     def __init__(self, totals):
         self.totals = totals
+        if isinstance(totals, ByteTotals):
+            self._totals = totals
         self.last = None
         self.responses = 0
         self.bytes = 0
@@ -117,6 +133,7 @@ cdef class RouteCore:
     cdef object _peek_request, _peek_response
     cdef object _requests_sent, _responses_received, _recv_max, _push_latency
     cdef Latencies _latencies  # _push_latency when it is compiled (observed in C), else None
+    cdef Tally _requests_tally, _responses_tally  # the same for the counters (added in C)
 
     def __init__(self, metrics, downstream, peek_request, peek_response):
         self.metrics = metrics
@@ -134,6 +151,10 @@ cdef class RouteCore:
         self._push_latency = metrics.push_latency
         if isinstance(self._push_latency, Latencies):
             self._latencies = self._push_latency
+        if isinstance(self._requests_sent, Tally):
+            self._requests_tally = self._requests_sent
+        if isinstance(self._responses_received, Tally):
+            self._responses_tally = self._responses_received
 
     def _state(self, type_url):
         raise NotImplementedError  # the relay's subclass makes its TypeState
@@ -161,7 +182,10 @@ cdef class RouteCore:
         state = self._plain.get(response.type_url)
         if state is None or not self.downstream.try_send(data):
             return False
-        self._responses_received.value += 1
+        if self._responses_tally is not None:
+            self._responses_tally.value += 1
+        else:
+            self._responses_received.value += 1
         self._forward(state, response, len(data), arrived)
         return True
 
@@ -186,7 +210,10 @@ cdef class RouteCore:
             recv_max.value = size
         type_url = request.type_url
         state = self.types.get(type_url) or self._state(type_url)
-        state.totals.request += size
+        if state._totals is not None:
+            state._totals.request += size
+        else:
+            state.totals.request += size
         nonce = request.response_nonce
         if nonce:
             state.ack_nonce = nonce
@@ -206,7 +233,10 @@ cdef class RouteCore:
             and self.requests.empty()
             and upstream.try_send(data)
         ):
-            self._requests_sent.value += 1
+            if self._requests_tally is not None:
+                self._requests_tally.value += 1
+            else:
+                self._requests_sent.value += 1
         else:
             self.requests.put_nowait(data)
         return 0
@@ -217,7 +247,10 @@ cdef class RouteCore:
         state.last = response
         state.responses += 1
         state.bytes += size
-        state.totals.response += size
+        if state._totals is not None:
+            state._totals.response += size
+        else:
+            state.totals.response += size
         state.pushed = written = _perf_counter()
         if self._latencies is not None:
             self._latencies._observe(written - arrived)

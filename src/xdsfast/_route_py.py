@@ -21,7 +21,7 @@ from xdsfast._errors import WireError
 from xdsfast.intercept import LISTENER
 
 if TYPE_CHECKING:  # metrics builds its histograms on Latencies: no import at run time
-    from xdsfast.metrics import Metrics, TypeBytes
+    from xdsfast.metrics import Metrics
 
 
 class Latencies:
@@ -42,6 +42,26 @@ class Latencies:
         self.sum += value
 
 
+class Tally:
+    """A counter's number (``metrics.Count`` subclasses it); compiled, a C field, so the
+    sinks count a message without a Python attribute get, add and set."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class ByteTotals:
+    """One type URL's bytes per direction (``metrics.TypeBytes``); C fields when compiled."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self) -> None:
+        self.request = 0
+        self.response = 0
+
+
 class TypeState:
     """One type on one stream, as ``/debug/xds`` shows it; kept per message."""
 
@@ -58,7 +78,7 @@ class TypeState:
         "totals",
     )
 
-    def __init__(self, totals: TypeBytes) -> None:
+    def __init__(self, totals: ByteTotals) -> None:
         self.totals = totals  # the process-wide byte counters of this type
         self.last: Any = None  # the peek of the last response
         self.responses = 0

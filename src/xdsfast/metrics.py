@@ -41,16 +41,17 @@ class Registry(Protocol):
     def register(self, metric: Any, /) -> None: ...
 
 
-class Count:
-    """A counter with Istio's exact name (no ``_total``), optionally per label value."""
+class Count(route.Tally):
+    """A counter with Istio's exact name (no ``_total``), optionally per label value; its
+    unlabelled ``value`` is the route core's (a C field when compiled)."""
 
-    __slots__ = ("by", "doc", "label", "name", "value")
+    __slots__ = ("by", "doc", "label", "name")
 
     def __init__(self, name: str, doc: str, label: str | None = None) -> None:
+        super().__init__()
         self.name = name
         self.doc = doc
         self.label = label
-        self.value = 0
         self.by: dict[str, int] = {}
 
     def inc(self, amount: int = 1) -> None:
@@ -135,14 +136,13 @@ class Info:
         return f"# HELP {n} {self.doc}\n# TYPE {n} gauge\n{n}{{{pairs}}} 1.0\n"
 
 
-class TypeBytes:
+DIRECTIONS = ("request", "response")
+
+
+class TypeBytes(route.ByteTotals):
     """Bytes of one type URL, per direction; the relay adds to these per message."""
 
-    __slots__ = ("request", "response")
-
-    def __init__(self) -> None:
-        self.request = 0
-        self.response = 0
+    __slots__ = ()
 
 
 class BytesByType:
@@ -164,7 +164,7 @@ class BytesByType:
         return totals
 
     def get(self, type_url: str, direction: str) -> int:
-        if direction not in TypeBytes.__slots__:
+        if direction not in DIRECTIONS:
             raise ValueError(f"direction must be request or response, not {direction!r}")
         totals = self.by.get(type_url)
         return 0 if totals is None else int(getattr(totals, direction))
@@ -177,7 +177,7 @@ class BytesByType:
     def text(self) -> str:
         lines = [f"# HELP {self.name} {self.doc}", f"# TYPE {self.name} counter"]
         for type_url, totals in sorted(self.by.items()):
-            for direction in ("request", "response"):
+            for direction in DIRECTIONS:
                 lines.append(
                     f'{self.name}{{type_url="{_escape(type_url)}",direction="{direction}"}} '
                     f"{getattr(totals, direction)}"

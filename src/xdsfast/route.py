@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING
 
 from xdsfast import wire
 
-__all__ = ["IMPLEMENTATION", "Latencies", "RouteCore", "TypeState"]
+__all__ = ["IMPLEMENTATION", "ByteTotals", "Latencies", "RouteCore", "Tally", "TypeState"]
 
 if TYPE_CHECKING or wire.NO_EXTENSIONS:  # both have the same API; the twin is the reference
-    from xdsfast._route_py import Latencies, RouteCore, TypeState
+    from xdsfast._route_py import ByteTotals, Latencies, RouteCore, Tally, TypeState
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from xdsfast._route import Latencies, RouteCore, TypeState
+        from xdsfast._route import ByteTotals, Latencies, RouteCore, Tally, TypeState
 
         IMPLEMENTATION = "cython"
     except ImportError:  # no compiled module for this platform: the twin serves
-        from xdsfast._route_py import Latencies, RouteCore, TypeState
+        from xdsfast._route_py import ByteTotals, Latencies, RouteCore, Tally, TypeState
 
         IMPLEMENTATION = "python"
