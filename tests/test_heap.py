@@ -18,6 +18,7 @@ from xdsfast import heap
 from xdsfast.config import Config, ConfigError
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.periodic import Periodic
 
 glibc_only = pytest.mark.skipif(not heap.supported(), reason="the policy is glibc's")
 MiB = 1 << 20
@@ -100,10 +101,10 @@ def test_a_bad_release_interval_is_one_clear_error() -> None:
 
 
 @pytest.mark.asyncio
-async def test_the_releaser_releases_every_interval_until_stopped() -> None:
+async def test_periodic_runs_every_interval_until_stopped() -> None:
     calls: list[float] = []
     loop = asyncio.get_running_loop()
-    releaser = heap.Releaser(0.01, lambda: calls.append(loop.time()))
+    releaser = Periodic(0.01, lambda: calls.append(loop.time()))
     releaser.start()
     releaser.start()  # a second start changes nothing
     async with asyncio_timeout(10):

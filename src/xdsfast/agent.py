@@ -91,7 +91,7 @@ class Agent:
             else None
         )
         self.serving = False
-        self.heap = heap.Releaser(config.heap_release_interval)
+        self.heap = heap.releaser(config.heap_release_interval)
         self.status = StatusServer(
             ready=self.readiness,
             metrics=self.metrics.exposition,

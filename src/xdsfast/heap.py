@@ -3,22 +3,22 @@
 Every push is assembled in a buffer of its own size.  With glibc's defaults a buffer of
 megabytes is handed back to the kernel the moment it is freed (munmap, or a trim of the
 heap's top), so the next push faults every page of its buffer in again and the kernel
-zeroes each one: in a storm of 5 MB pushes that was a third of the relay's CPU.
+zeroes each one: in a storm of 5 MB pushes that was a quarter of the relay's CPU.
 :func:`hold` raises glibc's mmap and trim thresholds so freed buffers are reused, and
-:class:`Releaser` returns what is held every few seconds (``malloc_trim``), so the
+:func:`releaser` returns what is held every few seconds (``malloc_trim``), so the
 relay's idle RSS does not stay at a storm's peak.  Elsewhere (musl, macOS) both are
 no-ops and the allocator keeps its own policy.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
+
+from xdsfast.periodic import Periodic
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -56,6 +56,7 @@ def _glibc() -> Any:
 
 
 def supported() -> bool:
+    """Whether this process allocates with glibc (the only allocator the policy knows)."""
     return _glibc() is not None
 
 
@@ -76,30 +77,10 @@ def release() -> bool:
     return bool(libc is not None and libc.malloc_trim(0))
 
 
-class Releaser:
-    """Calls ``release`` every ``interval`` seconds while started.
+def releaser(interval: float) -> Periodic:
+    """:func:`release` every ``interval`` seconds once started.
 
-    Periodic rather than tied to traffic: a storm keeps its buffers between trims, and
+    Periodic rather than tied to traffic: a storm keeps its buffers between releases, and
     what a quiet relay holds is back with the kernel within one interval.
     """
-
-    def __init__(self, interval: float, release: Callable[[], object] = release) -> None:
-        self.interval = interval
-        self._release = release
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self._release()
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    return Periodic(interval, release)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xdsfast import log
+from xdsfast.periodic import Periodic
 from xdsfast.wasm.fetch import FetchError, FetchSettings, fetch
 from xdsfast.wasm.metrics import WasmMetrics
 
@@ -77,7 +78,7 @@ class ModuleCache:
         # url -> the checksum last fetched for it, and for which resource version
         self._known: dict[str, _Known] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._purger: asyncio.Task[None] | None = None
+        self._purger = Periodic(purge_interval, self.purge)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -168,20 +169,10 @@ class ModuleCache:
 
     def start(self) -> None:
         """Purge periodically (in the running loop) until :meth:`stop`."""
-        if self._purger is None:
-            self._purger = asyncio.ensure_future(self._purge_forever())
+        self._purger.start()
 
     async def stop(self) -> None:
-        purger, self._purger = self._purger, None
-        if purger is not None:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
-
-    async def _purge_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.purge_interval)
-            self.purge()
+        await self._purger.stop()
 
     def _update_gauge(self) -> None:
         self.metrics.cache_entries.value = float(len(self._entries))
