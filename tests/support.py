@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import DEFAULT_BODY, Backend, http_get
 from xdsfast.demo.controlplane import LISTENER, ROUTE, ControlPlane, Recorded
-from xdsfast.demo.envoy import DEFAULT_NODE_ID, EnvoyProcess
+from xdsfast.demo.envoy import DEFAULT_NODE_ID, EnvoyProcess, listener_port
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 needs_envoy = pytest.mark.skipif(
@@ -21,12 +20,7 @@ needs_envoy = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (Envoy's listener must be told a real port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+free_port = listener_port  # a port for an Envoy listener, below the ephemeral range
 
 
 async def body_becomes(port: int, expected: bytes, timeout: float = 5.0) -> None:

@@ -14,8 +14,10 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +49,34 @@ def find_envoy() -> Path | None:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     return None
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def listener_port() -> int:
+    """A port that was free a moment ago, for an Envoy listener (Envoy must be told one).
+
+    Taken below the kernel's ephemeral range: a port from that range can meanwhile become
+    the source port of any outgoing connection on the machine, and Envoy then NACKs its
+    listener with "cannot bind" (seen in CI)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # everything there was taken: the kernel's pick, then
+        sock.bind(("127.0.0.1", 0))
+        picked: int = sock.getsockname()[1]
+        return picked
 
 
 def _die_with_parent() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, subscribe_all_and_ack
 from xdsfast.demo.backend import Backend, http_get
 from xdsfast.demo.controlplane import NAME_TABLE, ROUTE, ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.demo.envoy import EnvoyProcess, listener_port
 
 _SHORT = {
     "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS Cluster",
@@ -48,7 +47,7 @@ class Demo:
         self.control_plane = ControlPlane("127.0.0.1:0")
         self.agent: Agent | None = None
         self.envoy: EnvoyProcess | None = None
-        self.listener_port = _free_port()
+        self.listener_port = listener_port()
 
     def line(self, label: str, text: str) -> None:
         self.out(f"  {label:<10} {text}")
@@ -178,13 +177,6 @@ class Demo:
             f"route v{version} relayed and ACKed; the listener now answers "
             f"{body.decode().strip()!r}",
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _get_until(
