@@ -187,5 +187,5 @@ class Agent:
                 extra=log.fields(release_interval=f"{interval:g}s"),
             )
         else:
-            why = "off" if interval == 0 else "not glibc"
+            why = "off" if interval == 0 else "not glibc, or glibc refused the thresholds"
             _log.debug("allocator policy left as it is", extra=log.fields(reason=why))

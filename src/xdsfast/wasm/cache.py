@@ -71,7 +71,6 @@ class ModuleCache:
         self.settings = settings
         self.metrics = metrics
         self.expiry = expiry
-        self.purge_interval = purge_interval
         self.clock = clock
         self.fetcher = fetcher
         self._entries: dict[tuple[str, str], _Entry] = {}
