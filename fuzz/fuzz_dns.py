@@ -5,7 +5,14 @@ reads and whether the client half-closes); the rest is what the client sends.  U
 forwarding is a stand-in that answers (an echo, sometimes too big for UDP) or fails, as
 the input says.  Nothing may raise; every reply answers a message the client sent (its ID,
 QR set); UDP replies fit the client's size (512 without EDNS, else its OPT size); TCP
-output is well-framed.
+output is well-framed; no client bytes ever reach dnslib's parser.
+
+With the top bit of the second byte set, the rest of the input is not the message but the
+parameters of one built from them (up to 64 KiB, more than byte mutations reach):
+compression-pointer chains across thousands of records, one name thousands of pointers
+deep (with or without labels between them), pointer loops, pointers into the header, and
+pointer soup.  Those beyond DNS's bounds must get exactly one FORMERR; those within,
+anything but FORMERR.
 
     python fuzz/fuzz_dns.py -runs=1000000
 """
@@ -21,6 +28,8 @@ from typing import Any
 from _driver import instrumented, main
 
 with instrumented():
+    import dnslib
+
     from xdsfast import nds_pb2
     from xdsfast.dns import server as dns_server
     from xdsfast.dns.handler import Handler
@@ -122,6 +131,13 @@ SERVER = dns_server.DnsServer(
 )
 
 
+def _never_parse(packet: bytes) -> Any:
+    raise AssertionError("a client's message reached dnslib's parser")
+
+
+dnslib.DNSRecord.parse = _never_parse
+
+
 def _check_reply(reply: bytes, ids: set[bytes]) -> None:
     assert len(reply) >= 12, reply
     assert reply[:2] in ids, (reply, ids)
@@ -138,7 +154,15 @@ def _udp_limit(query: bytes) -> int:
         return 512
 
 
-async def _udp(payload: bytes) -> None:
+def _formerr(replies: list[bytes], expected: bool | None) -> None:
+    """One FORMERR if ``expected``; anything but FORMERR if False; None: no expectation."""
+    if expected is None:
+        return
+    formerr = len(replies) == 1 and replies[0][3] & 0x0F == 1
+    assert formerr is expected, (expected, replies[:1])
+
+
+async def _udp(payload: bytes, formerr: bool | None = None) -> None:
     transport = _UdpTransport()
     protocol = dns_server._Udp(SERVER)
     protocol.connection_made(transport)  # type: ignore[arg-type]
@@ -149,13 +173,14 @@ async def _udp(payload: bytes) -> None:
     for reply in transport.sent:
         _check_reply(reply, {payload[:2]})
         assert len(reply) <= max(512, _udp_limit(payload)), (len(reply), payload)
+    _formerr(transport.sent, formerr)
 
 
-async def _tcp(payload: bytes, cut: int, eof: bool) -> None:
+async def _tcp(payload: bytes, cut: int, eof: bool, formerr: bool | None = None) -> None:
     transport = _TcpTransport()
     protocol = dns_server._Tcp(SERVER)
     protocol.connection_made(transport)  # type: ignore[arg-type]
-    step = max(1, cut)
+    step = max(1, cut) * (1024 if formerr is not None else 1)  # big built messages: big reads
     for start in range(0, len(payload), step):
         protocol.data_received(payload[start : start + step])
         await asyncio.sleep(0)
@@ -171,14 +196,103 @@ async def _tcp(payload: bytes, cut: int, eof: bool) -> None:
         pos += 2 + size
     out = bytes(transport.out)
     pos = 0
+    replies = []
     while pos < len(out):
         assert pos + 2 <= len(out), "torn length prefix"
         size = struct.unpack_from("!H", out, pos)[0]
         assert pos + 2 + size <= len(out), "torn frame"
-        _check_reply(out[pos + 2 : pos + 2 + size], ids)
+        replies.append(out[pos + 2 : pos + 2 + size])
+        _check_reply(replies[-1], ids)
         pos += 2 + size
+    _formerr(replies, formerr)
     protocol.abort()
     protocol.connection_lost(None)
+
+
+# -- built messages: pointer chains and loops ---------------------------------------------------
+
+_RR = struct.Struct("!HHIH")
+_QUESTION = b"\x04fuzz\x07example\x00\x00\x01\x00\x01"  # not in the table: never a fast answer
+_BIG = 65535 - 64  # what one TCP frame carries, less the records' tail
+
+
+def _head(qid: int, arcount: int) -> bytes:
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, arcount)
+
+
+def _record_chain(qid: int, count: int, label: bytes) -> tuple[bytes, bool]:
+    """``count`` additional records, each named ``label`` + a pointer to the previous name
+    (past a pointer's 16 KiB reach, to the last one within it)."""
+    body = bytearray(_QUESTION)
+    previous = 12
+    for made in range(count):
+        if 12 + len(body) > _BIG:
+            count = made
+            break
+        start = 12 + len(body)
+        body += label + struct.pack("!H", 0xC000 | previous) + _RR.pack(1, 1, 0, 4) + bytes(4)
+        if start < 0x4000:
+            previous = start
+    return _head(qid, count) + bytes(body), count > 2
+
+
+def _deep_name(qid: int, depth: int, label: bytes) -> tuple[bytes, bool]:
+    """Two records: the first's data a chain of ``depth`` pointers (each after ``label``;
+    fewer if they would go past a pointer's 16 KiB reach), the second named by a pointer to
+    the chain's end: one name ``depth`` + 1 pointers deep."""
+    head = _head(qid, 2) + _QUESTION + b"\x00"
+    data_start = len(head) + _RR.size
+    chain = bytearray()
+    previous = 12
+    for made in range(depth):
+        if data_start + len(chain) + len(label) + 2 > 0x4000:
+            depth = made
+            break
+        here = data_start + len(chain)
+        chain += label + struct.pack("!H", 0xC000 | previous)
+        previous = here
+    first = _RR.pack(65280, 1, 0, len(chain)) + bytes(chain)
+    second = struct.pack("!H", 0xC000 | previous) + _RR.pack(1, 1, 0, 4) + bytes(4)
+    length = len(_QUESTION) - 4 + depth * len(label)  # the name's wire length, root included
+    return head + first + second, depth + 1 > 127 or length > 255
+
+
+def _loop(qid: int, kind: int, offset: int) -> tuple[bytes, bool]:
+    """A name that loops (to itself, through a forward pointer, back over its own label) or
+    points into the header: never a name."""
+    head = _head(qid, 1) + _QUESTION
+    at = len(head)
+    names = (
+        struct.pack("!H", 0xC000 | at),
+        struct.pack("!HH", 0xC000 | (at + 2), 0xC000 | at),
+        bytes([1 + offset % 63]) + b"x" * (1 + offset % 63) + struct.pack("!H", 0xC000 | at),
+        struct.pack("!H", 0xC000 | (offset % 12)),
+    )
+    return head + names[kind % 4] + _RR.pack(1, 1, 0, 4) + bytes(4), True
+
+
+def _soup(qid: int, params: bytes) -> tuple[bytes, bool | None]:
+    """Up to two records whose names are ``params`` with every byte >= 0xC0 a pointer."""
+    head = _head(qid, 2) + _QUESTION
+    half = len(params) // 2
+    names = [bytearray(params[:half]) + b"\x00", bytearray(params[half:]) + b"\x00"]
+    return head + b"".join(bytes(n) + _RR.pack(1, 1, 0, 4) + bytes(4) for n in names), None
+
+
+def built(params: bytes) -> tuple[bytes, bool | None]:
+    """(a message, whether it must get FORMERR: None if either way) from ``params``."""
+    params = params + bytes(max(0, 5 - len(params)))
+    kind, qid = params[0] % 4, (params[1] << 8) | params[2]
+    number = (params[3] << 8) | params[4]
+    size = params[0] >> 6
+    label = bytes([size]) + b"l" * size if size else b""  # no label, or one of 1 to 3 bytes
+    if kind == 0:
+        return _record_chain(qid, number % 6000, label or b"\x01l")
+    if kind == 1:
+        return _deep_name(qid, number % 40000 or 1, label)
+    if kind == 2:
+        return _loop(qid, params[3], params[4])
+    return _soup(qid, params[5:])
 
 
 def test_one_input(data: bytes) -> None:
@@ -186,10 +300,15 @@ def test_one_input(data: bytes) -> None:
         return
     control, payload = data[0], data[2:]
     FORWARDER.mode = data[1]
+    formerr: bool | None = None
+    if data[1] & 0x80:
+        payload, formerr = built(payload)
+        if not control & 1:
+            payload = struct.pack("!H", len(payload)) + payload
     if control & 1:
-        LOOP.run_until_complete(_udp(payload))
+        LOOP.run_until_complete(_udp(payload, formerr))
     else:
-        LOOP.run_until_complete(_tcp(payload, control >> 2, bool(control & 2)))
+        LOOP.run_until_complete(_tcp(payload, control >> 2, bool(control & 2), formerr))
     for task in list(SERVER._tasks):  # forwards still in flight: settle them
         LOOP.run_until_complete(asyncio.wait_for(task, 5))
 
@@ -217,6 +336,25 @@ def seeds() -> list[bytes]:
     out = [b"\x01\x00" + q for q in queries] + [b"\x01\x02" + q for q in queries]
     framed = b"".join(struct.pack("!H", len(q)) + q for q in queries)
     out += [bytes([c, 1]) + framed for c in (0, 2, 4 * 3, 4 * 7 + 2)]
+    chains = [
+        b"\x00\x12\x34\x0f\xa0",  # 4000 records, each "\x01l" + a pointer
+        b"\x40\x12\x34\x00\x40",  # 64 records, each "\x01l" + a pointer
+        b"\x01\x12\x34\x9c\x3f",  # one name 8000-odd pointers deep (as many as reach)
+        b"\x41\x12\x34\x00\x82",  # 130 deep, a 1-byte label after each pointer
+        b"\x41\x12\x34\x00\x50",  # 80 deep: within the bounds
+        b"\xc1\x12\x34\x00\x46",  # 70 deep, 3-byte labels: over 255 bytes
+        b"\xc1\x12\x34\x00\x20",  # 32 deep, 3-byte labels: within
+        b"\x01\x12\x34\x00\x7e",  # 126 pointers deep (127 with the name's own): within
+        b"\x01\x12\x34\x00\x7f",  # one more: beyond
+        b"\x02\x12\x34\x00\x05",  # a pointer to itself
+        b"\x02\x12\x34\x01\x05",  # a forward pointer and one back
+        b"\x02\x12\x34\x02\x05",  # back over its own label
+        b"\x02\x12\x34\x03\x05",  # into the header
+        b"\x03\x12\x34\x00\x00\x01a\xc0\x0c\x01b\xc0\x21",  # soup
+    ]
+    out += [
+        bytes([transport, 0x80 | mode]) + c for c in chains for transport, mode in ((1, 1), (0, 2))
+    ]
     return out
 
 

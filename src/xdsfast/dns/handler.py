@@ -1,29 +1,36 @@
 """What the DNS proxy does with one query message, whatever transport carried it.
 
-Fast path (``fast``): a standard one-question query whose question bytes
-(lowercased) are a key of the precomputed answers.  The reply is the client's
-ID, flags derived from the query's (QR, AA, RD and CD copied), the precomputed
-counts, the client's question as sent and the next precomputed answer order:
-no parse, no encode.  Anything else returns None and goes to ``slow``.
+Fast path (``fast``): a standard query with a plain query's counts (one
+question, no answer or authority record, at most two additional ones) whose
+question bytes (lowercased) are a key of the precomputed answers.  The reply is
+the client's ID, flags derived from the query's (QR, AA, RD and CD copied), the
+precomputed counts, the client's question as sent and the next precomputed
+answer order: no parse, no encode, and nothing after the question is read.
+Anything else returns None and goes to ``slow``.
 
-Slow path (``slow``): validates the message (dnslib parses it), then
-answers locally A/AAAA questions of known or wildcard names, returns
-SERVFAIL before the first table (or forwards, in ``:53`` mode), FORMERR for
-malformed queries, NOTIMP for other opcodes, and says "forward" for the rest.
+Slow path (``slow``): validates the message with bounded work
+(``wire.check_query``: counts first, then names with capped labels and
+pointers; no general-purpose parser sees untrusted bytes), then answers
+locally A/AAAA questions of known or wildcard names, returns SERVFAIL before
+the first table (or forwards, in ``:53`` mode), FORMERR for malformed
+queries, NOTIMP for other opcodes, and says "forward" for the rest.
+Malformed queries and dropped messages are counted and logged at debug only,
+so a flood of them cannot flood the log.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import struct
 
-from dnslib import DNSError, DNSRecord
-
+from xdsfast import log
 from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.table import A_IN, AAAA_IN, ENTRY_HEADER, DnsTable, Entry
 from xdsfast.dns.wire import (
     FORMERR,
     HEADER,
+    MAX_ADDITIONAL,
     NOTIMP,
     OPCODE,
     QR,
@@ -31,14 +38,15 @@ from xdsfast.dns.wire import (
     TCP_MAX,
     UDP_MIN,
     WireError,
+    check_query,
     error_reply,
     header,
     parent_wildcards,
-    question_end,
     reply_flags,
     truncate,
-    udp_limit_from_opt,
 )
+
+_log = log.scope("dns")
 
 DROP = b""  # no reply at all (not a query, or too short to answer)
 FORWARD = None  # ask the upstream resolvers
@@ -84,8 +92,16 @@ class Handler:
         A reply is final on any transport: it fits in 512 bytes.
         """
         answers = self.table.answers
-        if answers is None or len(data) < 17 or data[2] & 0xF8 or data[4:6] != b"\x00\x01":
-            return None  # no table yet, too short, a response, not QUERY, or not one question
+        # No table yet, too short, a response, not QUERY, or not the counts of a plain query
+        # (one question, no answer or authority record, at most OPT and TSIG): slow path.
+        if (
+            answers is None
+            or len(data) < 17
+            or data[2] & 0xF8
+            or data[4:11] != b"\x00\x01\x00\x00\x00\x00\x00"
+            or data[11] > MAX_ADDITIONAL
+        ):
+            return None
         qend = data.find(0, HEADER) + 5  # a key's name has no NUL byte before its end
         if qend < 17 or qend > len(data):
             return None
@@ -102,23 +118,21 @@ class Handler:
         """(reply, or DROP, or FORWARD; the size limit for the reply) for any message."""
         limit = TCP_MAX
         try:
-            _, flags, qdcount, *_ = header(data)
+            _, flags, *_ = header(data)
         except WireError:
-            return DROP, limit
-        if flags & QR:
-            return DROP, limit  # a response sent to us: never answer (no reflection loops)
+            return self._malformed(data, tcp, "none", "shorter than a DNS header"), limit
+        if flags & QR:  # a response sent to us: never answer (no reflection loops)
+            return self._malformed(data, tcp, "none", "a response, not a query"), limit
         self.metrics.requests += 1
         if flags & OPCODE:
             return error_reply(data, NOTIMP, with_question=False), limit
-        if qdcount != 1:
-            return error_reply(data, FORMERR, with_question=False), limit
         try:
-            qend = question_end(data)
-            DNSRecord.parse(data)  # the whole message must be well-formed to be answered
-        except (WireError, DNSError, IndexError, ValueError, struct.error):
+            qend, udp_limit = check_query(data)  # the whole message, bounded work
+        except WireError as exc:
+            self._malformed(data, tcp, "formerr", str(exc))
             return error_reply(data, FORMERR, with_question=False), limit
         if not tcp:
-            limit = udp_limit_from_opt(data, qend)
+            limit = udp_limit
         answers = self.table.answers
         if answers is None:
             if self.respond_before_sync:
@@ -137,6 +151,19 @@ class Handler:
             else:
                 return FORWARD, limit
         return truncate(_local_reply(data, qend, entry), limit), limit
+
+    def _malformed(self, data: bytes, tcp: bool, reply: str, reason: str) -> bytes:
+        """Count a message not served as a query (``reply``: formerr or none), log it at
+        debug (never higher: a flood must not flood the log); DROP for the caller."""
+        self.metrics.malformed.inc_label(reply)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "malformed DNS message",
+                extra=log.fields(
+                    reason=reason, reply=reply, size=len(data), protocol="tcp" if tcp else "udp"
+                ),
+            )
+        return DROP
 
     def servfail(self, data: bytes) -> bytes:
         """SERVFAIL for a query that could not be forwarded."""

@@ -7,18 +7,26 @@ increment, no lock) and read when scraped; Istio's DNS counters end in
 
 from __future__ import annotations
 
-from xdsfast.metrics import PREFIX, Histogram, Registry, Total
+from xdsfast.metrics import PREFIX, Count, Histogram, Registry, Total
 
 UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)  # Istio's
 
 
 class DnsMetrics:
-    """Requests served, forwarded, failed upstream, and forward latency."""
+    """Requests served, forwarded, failed upstream, forward latency; and (xdsfast's own,
+    Istio has none) messages not served as queries."""
 
     def __init__(self, registry: Registry) -> None:
         self.requests = 0
         self.upstream_requests = 0
         self.upstream_failures = 0
+        self.malformed = Count(
+            "xdsfast_dns_malformed_messages_total",
+            "DNS messages not served as queries, by reply: formerr (a malformed query, also "
+            "counted in istio_agent_dns_requests_total) or none (shorter than a header, or a "
+            "response: dropped unanswered).",
+            label="reply",
+        )
         self.upstream_duration = Histogram(
             PREFIX + "dns_upstream_request_duration_seconds",
             "Time to get an answer from the upstream resolvers, per forwarded query.",
@@ -42,3 +50,4 @@ class DnsMetrics:
                 lambda: self.upstream_failures,
             )
         )
+        registry.register(self.malformed)

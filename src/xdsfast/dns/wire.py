@@ -3,6 +3,12 @@
 Everything here works on bytes as they travel, so a reply keeps the client's
 question exactly as sent (case included) and a forwarded answer stays the
 upstream's bytes unless it has to be cut to fit.
+
+Queries come from untrusted clients, so ``check_query`` validates one with
+bounded work, whatever its size: the header's counts first (a query has one
+question, no answers, and at most a few other records), then each name with
+a capped number of labels and compression pointers.  A message over those
+bounds is malformed (FORMERR), never a long parse on the event loop.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ CD = 0x0010
 OPCODE = 0x7800
 
 TTL = 30  # Istio's fixed TTL for local answers, in seconds
+
+# What a query may carry besides its one question (more is FORMERR, before any name is read):
+MAX_AUTHORITY = 1  # an IXFR query's SOA (RFC 1995); other queries carry none
+MAX_ADDITIONAL = 2  # the EDNS OPT record, and a TSIG or SIG(0) after it
+MAX_NAME = 255  # bytes of a name's wire form, all labels and the root (RFC 1035)
+MAX_POINTERS = 127  # compression pointers followed for one name: no more than its labels
+MAX_OPTIONS = 32  # EDNS options in a query's OPT record (clients send a handful)
 
 _COUNTS = struct.Struct("!HHHH")
 _HEADER = struct.Struct("!HHHHHH")
@@ -104,6 +117,115 @@ def question_end(data: bytes) -> int:
     if end > size:
         raise WireError("question type or class missing")
     return end
+
+
+def name_end(data: bytes, pos: int) -> int:
+    """Offset just past the name at ``pos`` in place, after walking it whole.
+
+    Compression pointers are followed, at most ``MAX_POINTERS`` of them, each to an
+    offset after the header and before the start of everything read so far (where
+    an encoder can only have written the suffix earlier), so no loop is possible;
+    the labels met on the way may add up to ``MAX_NAME`` bytes.  A name thus costs
+    a few hundred steps at most, however the message is built.  Labels must be
+    UTF-8, as the proxy has always required of the names in a query.
+    """
+    size = len(data)
+    end = 0  # where the name stops in place: after its first pointer, or its root label
+    length = 1  # wire length so far, the root label included
+    hops = 0
+    floor = pos  # the lowest offset read so far: a pointer must go below it
+    while True:
+        if pos >= size:
+            raise WireError("name runs past the end")
+        label = data[pos]
+        if label >= 0xC0:
+            if pos + 1 >= size:
+                raise WireError("compression pointer runs past the end")
+            target = ((label & 0x3F) << 8) | data[pos + 1]
+            if not HEADER <= target < floor:
+                raise WireError("compression pointer does not point back")
+            hops += 1
+            if hops > MAX_POINTERS:
+                raise WireError(f"name follows more than {MAX_POINTERS} compression pointers")
+            if not end:
+                end = pos + 2
+            pos = floor = target
+            continue
+        if label == 0:
+            return end or pos + 1
+        if label >= 64:
+            raise WireError("invalid label type")
+        length += 1 + label
+        if length > MAX_NAME:
+            raise WireError(f"name longer than {MAX_NAME} bytes")
+        stop = pos + 1 + label
+        if stop > size:
+            raise WireError("label runs past the end")
+        try:
+            data[pos + 1 : stop].decode()
+        except UnicodeDecodeError:
+            raise WireError("label is not UTF-8") from None
+        pos = stop
+
+
+def _check_options(data: bytes, start: int, end: int) -> None:
+    """An OPT record's data: whole option TLVs (code, length, value), few of them."""
+    pos = start
+    for _ in range(MAX_OPTIONS):
+        if pos == end:
+            return
+        if pos + 4 > end:
+            raise WireError("EDNS option header runs past the record")
+        pos += 4 + ((data[pos + 2] << 8) | data[pos + 3])
+        if pos > end:
+            raise WireError("EDNS option runs past the record")
+    if pos != end:
+        raise WireError(f"more than {MAX_OPTIONS} EDNS options")
+
+
+def check_query(data: bytes) -> tuple[int, int]:
+    """(offset just past the question, the client's UDP size) of a well-formed query.
+
+    Raises WireError for anything else, with bounded work: the counts are checked
+    before any name is read (one question, no answers, at most ``MAX_AUTHORITY`` and
+    ``MAX_ADDITIONAL`` records), the question's name is uncompressed, every other name
+    goes through ``name_end``, record data must lie inside the message (and be
+    non-empty, OPT aside), and at most one OPT record, in the additional section,
+    with whole options.  The UDP size is the OPT's (at least 512), else 512.  Bytes
+    after the last record are ignored.
+    """
+    _, _, qdcount, ancount, nscount, arcount = header(data)
+    if qdcount != 1:
+        raise WireError("not one question")
+    if ancount or nscount > MAX_AUTHORITY or arcount > MAX_ADDITIONAL:
+        raise WireError("more records than a query carries")
+    qend = question_end(data)
+    try:
+        # One decode checks every label: a length byte (< 64) neither continues nor ends
+        # a multi-byte character.
+        data[HEADER : qend - 4].decode()
+    except UnicodeDecodeError:
+        raise WireError("question name is not UTF-8") from None
+    size = len(data)
+    udp = 0
+    pos = qend
+    for index in range(nscount + arcount):
+        pos = name_end(data, pos)
+        if pos + _RR.size > size:
+            raise WireError("record header runs past the end")
+        rtype, rclass, _, rdlength = _RR.unpack_from(data, pos)
+        start = pos + _RR.size
+        pos = start + rdlength
+        if pos > size:
+            raise WireError("record data runs past the end")
+        if rtype == TYPE_OPT:
+            if udp or index < nscount:
+                raise WireError("more than one OPT record, or one outside the additional section")
+            _check_options(data, start, pos)
+            udp = max(rclass, UDP_MIN)
+        elif not rdlength:
+            raise WireError("record with no data")
+    return qend, udp or UDP_MIN
 
 
 def parent_wildcards(name: bytes) -> list[bytes]:
