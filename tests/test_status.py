@@ -28,6 +28,7 @@ from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, Response
 from xdsfast.demo.backend import http_get
 from xdsfast.demo.controlplane import CLUSTER, LISTENER, NAME_TABLE, ControlPlane
+from xdsfast.nds_pb2 import NameTable
 from xdsfast.status import PROMETHEUS_CONTENT_TYPE, StatusServer, is_loopback
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
@@ -112,9 +113,10 @@ class Sources:
 
     def __init__(self) -> None:
         self.reason: str | None = "not ready: warming up"
-        self.table: dict[str, Any] | None = None
+        self.table: NameTable | None = None
         self.xds: dict[str, Any] = {"streams": []}
         self.fail = False
+        self.metrics_text = b"# TYPE up gauge\nup 1\n"
 
     def ready(self) -> str | None:
         if self.fail:
@@ -122,7 +124,7 @@ class Sources:
         return self.reason
 
     def metrics(self) -> bytes:
-        return b"# TYPE up gauge\nup 1\n"
+        return self.metrics_text
 
 
 @pytest_asyncio.fixture
@@ -181,9 +183,10 @@ async def test_ndsz_is_404_empty_json_without_a_table_and_json_with_one(
     status, headers, body = await http_get("127.0.0.1", server.port, "/debug/ndsz")
     assert (status, orjson.loads(body)) == (404, {})
     assert headers["content-type"] == "application/json"
-    sources.table = {"table": {"a.example": {"ips": ["10.0.0.1"]}}}
+    sources.table = NameTable()
+    sources.table.table["a.example"].ips.append("10.0.0.1")
     status, _, body = await http_get("127.0.0.1", server.port, "/debug/ndsz")
-    assert (status, orjson.loads(body)) == (200, sources.table)
+    assert (status, orjson.loads(body)) == (200, {"table": {"a.example": {"ips": ["10.0.0.1"]}}})
 
 
 async def test_xds_dump_is_json(server: StatusServer, sources: Sources) -> None:
@@ -322,18 +325,43 @@ async def test_a_failing_source_is_500_without_details(
     assert (await http_get("127.0.0.1", server.port, "/healthz/ready"))[0] == 503
 
 
-async def test_too_many_connections_are_refused(
+async def test_an_idle_connection_makes_room_for_a_new_one(
     make_server: Callable[..., Awaitable[StatusServer]],
 ) -> None:
-    server = await make_server(max_connections=1)
+    """At the cap, the connection waiting longest for a request is closed, not the new one."""
+    server = await make_server(max_connections=1, timeout=30.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")  # kept alive: it holds the one slot
         await asyncio.wait_for(reader.readuntil(b"up 1\n"), 5)
+        raw = await exchange(server.port, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert one_response(raw)[0] == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the idle one was closed
+        assert (server.evicted, server.refused) == (1, 0)
+    finally:
+        writer.close()
+
+
+async def test_too_many_busy_connections_are_refused(
+    make_server: Callable[..., Awaitable[StatusServer]], sources: Sources
+) -> None:
+    """When every held connection is busy (here: writing to a client that does not read),
+    a new one gets 503 "too many connections"."""
+    server = await make_server(max_connections=1, timeout=30.0)
+    sources.metrics_text = b"x" * (32 * 1024 * 1024)  # more than the socket buffers take
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+        await asyncio.wait_for(reader.readexactly(1), 5)  # the answer started: it is busy
         status, _, body = one_response(
-            await exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            await exchange(server.port, b"GET /healthz/ready HTTP/1.1\r\n\r\n")
         )
         assert (status, body) == (503, b"too many connections\n")
+        assert (server.evicted, server.refused, server.connections) == (0, 1, 1)
     finally:
         writer.close()
 
@@ -418,7 +446,7 @@ async def test_debug_endpoints_answer_loopback_clients_only(
     make_server: Callable[..., Awaitable[StatusServer]], sources: Sources, outside_address: str
 ) -> None:
     server = await make_server("0.0.0.0:0")
-    sources.table = {"table": {}}
+    sources.table = NameTable()
     for path in ("/debug/ndsz", "/debug/xds"):
         raw = await exchange(
             server.port,

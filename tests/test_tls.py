@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -252,3 +253,120 @@ def test_system_roots_need_no_file(tmp_path: Path) -> None:
     assert local.tls is not None and local.tls.server_name == ISTIOD
     san = Config.build({}, {"XDS_ROOT_CA": "SYSTEM", "ISTIOD_SAN": "istiod.custom"})
     assert san.tls is not None and san.tls.server_name == "istiod.custom"
+
+
+def _encrypted(key: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    loaded = serialization.load_pem_private_key(key, None)
+    return loaded.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    )
+
+
+BROKEN_PEM = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+# What is put at the client certificate chain or key path, and the exact reason given.
+CLIENT_MATERIAL = {
+    "empty chain": ("cert", b"", "the client certificate chain {cert} is empty"),
+    "garbage chain": (
+        "cert",
+        b"garbage\n",
+        "the client certificate chain {cert} holds no PEM certificate",
+    ),
+    "broken chain": (
+        "cert",
+        BROKEN_PEM,
+        "the client certificate chain {cert} holds a PEM certificate that cannot be parsed",
+    ),
+    "chain is a directory": ("cert", None, "the client certificate chain {cert} is a directory"),
+    "empty key": ("key", b"\n", "the client key {key} is empty"),
+    "garbage key": ("key", b"garbage\n", "the client key {key} holds no PEM private key"),
+    "broken key": (
+        "key",
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        "the client key {key} cannot be parsed",
+    ),
+    "missing key": ("key", "gone", "the client key {key} does not exist"),
+    "key of another certificate": (
+        "key",
+        "other",
+        "the client key {key} does not match the client certificate chain {cert}",
+    ),
+    "encrypted key": (
+        "key",
+        "encrypted",
+        "the client key {key} is encrypted (a passphrase is not supported)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("which", "content", "says"), CLIENT_MATERIAL.values(), ids=CLIENT_MATERIAL.keys()
+)
+async def test_unusable_client_material_is_not_sent_and_said_in_one_exact_line(
+    mesh: Mesh,
+    tls_control_plane: CpFactory,
+    agents: AgentFactory,
+    caplog: pytest.LogCaptureFixture,
+    which: str,
+    content: bytes | str | None,
+    says: str,
+) -> None:
+    """As Istio's agent, an unusable client certificate or key is not sent: one warning
+    says exactly what is wrong, and the dial goes on without one (this istiod requires
+    one, so the handshake fails: counted, Envoy's stream ends UNAVAILABLE); no traceback
+    is logged (both engines; grpcio's used to abort the process on an empty chain)."""
+    path = mesh.client_cert if which == "cert" else mesh.client_key
+    path.unlink()
+    if content is None:
+        path.mkdir()
+    elif content == "other":
+        path.write_bytes(mesh.ca.issue("someone", client=True).key)
+    elif content == "encrypted":
+        path.write_bytes(_encrypted(mesh.ca.issue("sidecar", client=True).key))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    cp = await tls_control_plane()
+    agent = await agents(discovery_address=cp.address, tls=mesh.tls(), token_path=str(mesh.token))
+    client = AdsClient(f"unix:{agent.config.xds_socket}")
+    with caplog.at_level(logging.INFO, logger="xdsfast"):
+        await client.open()
+        try:  # nothing written: the end is istiod's dial failing, not a write racing it
+            status = await client.wait_closed(timeout=20)
+        finally:
+            await client.close()
+    assert status.code == grpc.StatusCode.UNAVAILABLE
+    assert agent.metrics.istiod_connection_failures.get() == 1
+    assert cp.active_streams == 0 and not cp.requests
+    lines = [r.getMessage() for r in caplog.records if "client certificate" in r.getMessage()]
+    reason = says.format(cert=mesh.client_cert, key=mesh.client_key)
+    assert lines == [f"no client certificate for istiod: {reason}"]
+    assert len([r for r in caplog.records if "cannot reach istiod" in r.getMessage()]) == 1
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO"])
+def test_a_root_ca_that_is_not_a_file_is_a_startup_error_saying_what_it_is(
+    kind: str, tmp_path: Path
+) -> None:
+    """XDS_ROOT_CA at a directory or a FIFO: exit 2 with one line saying which (never
+    "does not exist"), and a FIFO is not opened (start-up does not block on it)."""
+    root = tmp_path / "root"
+    if kind == "directory":
+        root.mkdir()
+    else:
+        os.mkfifo(root)
+    out = subprocess.run(
+        [sys.executable, "-m", "xdsfast", "run", "--xds-socket", str(tmp_path / "XDS")],
+        env={"PATH": "/usr/bin:/bin", "XDS_ROOT_CA": str(root)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    says = "is a directory" if kind == "directory" else "is not a regular file"
+    assert line == f"xdsfast: error: XDS_ROOT_CA: {root} {says}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from xdsfast import heap
+from xdsfast.files import FileProblem, check_regular
 from xdsfast.health import Probe, ProbeError, probe_from_config
 
 DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
@@ -378,8 +379,12 @@ def xds_headers(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def _required(path: str, what: str) -> str:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what} {path} does not exist")
+    """``path`` if it is a regular file; else a ConfigError saying exactly what it is
+    (``stat`` only: a FIFO there is not opened, so start-up never blocks on it)."""
+    try:
+        check_regular(path, what)
+    except FileProblem as exc:
+        raise ConfigError(str(exc)) from None
     return path
 
 

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+
+DIRECTORY_MODE = 0o750  # SECURITY.md: the directories xdsfast creates for its socket
+
+
+def _make_directories(directory: str) -> None:
+    """Create ``directory`` and any missing parents, each ``0750``.
+
+    ``os.makedirs`` gives its ``mode`` to the last directory only (parents get the
+    default ``0777`` less the umask, usually ``0755``); directories that already
+    exist keep their mode."""
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    if parent and parent != directory:
+        _make_directories(parent)
+    with contextlib.suppress(FileExistsError):  # made meanwhile, or a file: lstat says
+        os.mkdir(directory, DIRECTORY_MODE)
 
 
 def prepare_socket_path(path: str) -> None:
     """Create the parent directory and remove a stale socket, as Istio's agent does."""
     parent = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(parent, mode=0o750, exist_ok=True)
+        _make_directories(parent)
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
