@@ -159,6 +159,18 @@ cdef class RouteCore:
     def _state(self, type_url):
         raise NotImplementedError  # the relay's subclass makes its TypeState
 
+    def release(self):
+        """The session ended, however it ended: the sinks are taken back from the engine's
+        streams and what they kept is dropped, so neither refers to the other any more (a
+        cycle would hold the session, and all it holds, until a full collection)."""
+        for stream in (self.upstream, self.downstream):
+            if stream is not None:
+                stream.set_sink(None)
+        self.upstream = None
+        self.downstream = None
+        self.types = {}
+        self._plain = {}
+
     def _request_sink(self, bytes data):
         """A request, in the engine's read callback: the common case without a task switch."""
         try:

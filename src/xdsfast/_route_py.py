@@ -101,7 +101,7 @@ class RouteCore:
     _plain: dict[str, Any]  # the types the response sink may forward as they are
     requests: asyncio.Queue[bytes]  # requests waiting for _to_istiod, in order
     upstream: Any  # the engine's Upstream once dialed, else None
-    downstream: Any  # the engine's Downstream
+    downstream: Any  # the engine's Downstream (None once released)
     metrics: Metrics
     mode: Any  # the subclass's: SotW or delta (for TypeState.nack)
     initial_requests_sent: bool  # the agent's own requests followed Envoy's first LDS
@@ -126,6 +126,18 @@ class RouteCore:
 
     def _state(self, type_url: str) -> Any:
         raise NotImplementedError  # the relay's subclass makes its TypeState
+
+    def release(self) -> None:
+        """The session ended, however it ended: the sinks are taken back from the engine's
+        streams and what they kept is dropped, so neither refers to the other any more (a
+        cycle would hold the session, and all it holds, until a full collection)."""
+        for stream in (self.upstream, self.downstream):
+            if stream is not None:
+                stream.set_sink(None)
+        self.upstream = None
+        self.downstream = None
+        self.types = {}
+        self._plain = {}
 
     def _request_sink(self, data: bytes) -> bool:
         """A request, in the engine's read callback: the common case without a task switch."""

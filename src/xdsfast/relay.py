@@ -61,6 +61,10 @@ _EXPECTED_UNAVAILABLE = (
 # How long a half-closing Envoy's queued requests may take to reach istiod.
 _FLUSH_TIMEOUT = 2.0
 
+# Lines a peer can make the relay repeat (one per stream or per dial) are written at most
+# once per this many seconds, with a count (``log.Throttle``).
+_REPEAT_INTERVAL = 1.0
+
 
 def is_expected(status: Status) -> bool:
     """Istio's classification: graceful or expected endings count as ``cancelled``."""
@@ -81,6 +85,14 @@ class Ending:
 
     side: str  # "upstream", "downstream", "half-closed", "replaced" or "internal"
     status: Status
+
+
+def _failed(side: str, error: StreamError) -> Ending:
+    """A stream's failure as an ending.  An engine may keep the error and raise it again:
+    its traceback (frames holding the session and the message in hand) is dropped, or the
+    two would hold each other until a full collection."""
+    error.__traceback__ = None
+    return Ending(side, error.status)
 
 
 class _Flavour:
@@ -134,6 +146,14 @@ class _TypeState(route.TypeState):
         }
 
 
+async def _abandon(dial: asyncio.Future[Upstream]) -> None:
+    """Cancel a dial; close its stream if it was opened all the same."""
+    dial.cancel()
+    await asyncio.wait((dial,))
+    if not dial.cancelled() and dial.exception() is None:
+        await dial.result().close()
+
+
 def _rfc3339(seconds: float) -> str:
     whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     return f"{whole}.{int(seconds % 1 * 1000):03d}Z"
@@ -162,6 +182,10 @@ class Relay:
         self.active: Session | None = None
         self.draining = False
         self._ids = itertools.count(1)
+        # One upstream dial at a time: a stream's dial waits for the one before it, which a
+        # newer stream cancels (so a flood of Envoy streams cannot open a socket each).
+        self.dialing = asyncio.Lock()
+        self.say = log.Throttle(_log, _REPEAT_INTERVAL)
 
     def drain(self) -> None:
         """Shutting down: end the active stream with OK (Envoy reconnects), take no new ones."""
@@ -187,16 +211,17 @@ class Relay:
         session = Session(self, downstream, mode, next(self._ids))
         previous, self.active = self.active, session
         if previous is not None:
-            _log.warning(
-                "new Envoy stream replaces the active one",
-                extra=log.fields(id=session.id, replaced=previous.id),
+            self.say.warning(
+                "new Envoy stream replaces the active one", id=session.id, replaced=previous.id
             )
             previous.replace("replaced by a newer one")
+            previous = None  # not kept alive by this frame for as long as the new one runs
         try:
             return await session.run()
         finally:
             if self.active is session:
                 self.active = None
+            session.release()
 
 
 class Session(route.RouteCore):
@@ -213,6 +238,7 @@ class Session(route.RouteCore):
         self.relay = relay
         self.mode = mode
         self.id = session_id
+        self.peer = downstream.peer
         self.requests = asyncio.Queue()
         self._replaced = asyncio.Event()
         self._replaced_why = ""
@@ -227,7 +253,7 @@ class Session(route.RouteCore):
         return {
             "id": self.id,
             "mode": "sotw" if self.mode is Mode.SOTW else "delta",
-            "peer": self.downstream.peer,
+            "peer": self.peer,
             "connected": _rfc3339(self.started),
             "types": {url: s.describe(self.flavour, epoch) for url, s in self.types.items()},
         }
@@ -237,16 +263,28 @@ class Session(route.RouteCore):
         self._replaced_why = why
         self._replaced.set()
 
+    def release(self) -> None:
+        """The session is over, however it ended: besides the core's (sinks, streams, what
+        ``/debug/xds`` kept), the queued requests go, so that whatever may still refer to
+        the session (a traceback, a log record) holds nothing big."""
+        super().release()
+        requests = self.requests
+        while not requests.empty():
+            requests.get_nowait()
+
     async def run(self) -> Status:
-        fields = log.fields(id=self.id, peer=self.downstream.peer, mode=self.mode.name)
-        _log.info("Envoy stream established", extra=fields)
+        say = self.relay.say
+        fields = {"id": self.id, "peer": self.peer, "mode": self.mode.name}
+        say.info("Envoy stream established", **fields)
         try:
-            upstream = await self.relay.dialer.open(self.mode, self.relay.metadata)
+            upstream = await self._dial()
         except DialError as exc:
             self.metrics.istiod_connection_failures.inc()
-            _log.error("cannot reach istiod: %s", exc, extra=fields)
+            say.error("cannot reach istiod: %s", str(exc), **fields)  # text: no traceback kept
             return Status(Code.UNAVAILABLE, f"xdsfast: {exc}")
-        _log.info("connected to istiod", extra=fields)
+        if upstream is None:
+            return self._account(Ending("replaced", OK), fields)
+        say.info("connected to istiod", **fields)
         self.upstream = upstream
         if not _log.isEnabledFor(logging.DEBUG):  # else every message is logged by the pumps
             self.downstream.set_sink(self._request_sink)
@@ -257,6 +295,7 @@ class Session(route.RouteCore):
             asyncio.ensure_future(self._from_istiod(upstream)),
             asyncio.ensure_future(self._until_replaced()),
         ]
+        done: set[asyncio.Future[Ending]] = set()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             ending = self._ending(next(iter(done)))
@@ -264,7 +303,7 @@ class Session(route.RouteCore):
                 ending = await self._after_half_close(upstream, tasks[2])
         except asyncio.CancelledError:  # Envoy went away: the engine cancels the handler
             self.metrics.envoy_connection_terminations.inc_label("cancelled")
-            _log.info("Envoy stream cancelled", extra=fields)
+            say.info("Envoy stream cancelled", **fields)
             raise
         finally:
             self.downstream.set_sink(None)
@@ -274,8 +313,37 @@ class Session(route.RouteCore):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
+            # A cancelled pump keeps its frames (and what they hold: a response being
+            # written) in its exception; this frame outlives the stream in a traceback when
+            # Envoy cancels it, so it lets go of the pumps.
+            tasks.clear()
+            done.clear()
             await upstream.close()
         return self._account(ending, fields)
+
+    async def _dial(self) -> Upstream | None:
+        """istiod's stream; None if a newer Envoy stream replaced this one first.
+
+        One dial at a time for the whole relay, and a replaced session's dial is cancelled:
+        a flood of Envoy streams against a silent istiod holds one upstream socket, not one
+        each (Istio's agent, too, keeps only the newest stream)."""
+        relay = self.relay
+        async with relay.dialing:
+            if self._replaced.is_set():
+                return None
+            dial = asyncio.ensure_future(relay.dialer.open(self.mode, relay.metadata))
+            replaced = asyncio.ensure_future(self._replaced.wait())
+            try:
+                await asyncio.wait((dial, replaced), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                await _abandon(dial)
+                raise
+            finally:
+                replaced.cancel()
+            if not dial.done():
+                await _abandon(dial)
+                return None
+            return dial.result()  # raises DialError
 
     async def _after_half_close(
         self, upstream: Upstream, responses: asyncio.Future[Ending]
@@ -302,16 +370,17 @@ class Session(route.RouteCore):
         status = ending.status
         kind = termination_type(status)
         level = logging.INFO if kind == "cancelled" else logging.WARNING
+        say = self.relay.say
         if ending.side == "upstream":
             self.metrics.istiod_connection_terminations.inc_label(kind)
-            _log.log(level, "istiod ended the stream: %s", status, extra=fields)
+            say.log(level, "istiod ended the stream: %s", status, **fields)
             return status
         if ending.side == "downstream":
             self.metrics.envoy_connection_terminations.inc_label(kind)
-            _log.log(level, "Envoy ended the stream: %s", status, extra=fields)
+            say.log(level, "Envoy ended the stream: %s", status, **fields)
             return status
         if ending.side == "replaced":
-            _log.info("stream closed: %s", self._replaced_why, extra=fields)
+            say.info("stream closed: %s", self._replaced_why, **fields)
         return ending.status
 
     async def _until_replaced(self) -> Ending:
@@ -329,7 +398,7 @@ class Session(route.RouteCore):
             try:
                 data = await recv()
             except StreamError as exc:
-                return Ending("downstream", exc.status)
+                return _failed("downstream", exc)
             if data is None:
                 # Envoy half-closed: what it sent before still goes to istiod (bounded wait).
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -339,7 +408,7 @@ class Session(route.RouteCore):
                 request = peek(data)
             except wire.WireError as exc:
                 self.metrics.bad_messages.inc_label("request")
-                _log.error("malformed request from Envoy: %s", exc, extra=log.fields(id=self.id))
+                self.relay.say.error("malformed request from Envoy: %s", str(exc), id=self.id)
                 return Ending(
                     "downstream", Status(Code.INVALID_ARGUMENT, f"malformed request: {exc}")
                 )
@@ -367,7 +436,7 @@ class Session(route.RouteCore):
             try:
                 await send(data)
             except StreamError as exc:
-                return Ending("upstream", exc.status)
+                return _failed("upstream", exc)
             self._sending = False
             sent.value += 1
             done()
@@ -391,7 +460,7 @@ class Session(route.RouteCore):
             try:
                 data = await recv()
             except StreamError as exc:
-                return Ending("upstream", exc.status)
+                return _failed("upstream", exc)
             if data is None:
                 return Ending("upstream", OK)
             received.value += 1
@@ -400,7 +469,7 @@ class Session(route.RouteCore):
                 response = peek(data)
             except wire.WireError as exc:
                 self.metrics.bad_messages.inc_label("response")
-                _log.error("malformed response from istiod: %s", exc, extra=log.fields(id=self.id))
+                self.relay.say.error("malformed response from istiod: %s", str(exc), id=self.id)
                 return Ending("upstream", Status(Code.INTERNAL, f"malformed response: {exc}"))
             type_url = response.type_url
             if debug:
@@ -411,10 +480,8 @@ class Session(route.RouteCore):
                 continue
             if not intercept.is_forwarded(type_url):
                 self.metrics.dropped_responses.inc_label("type_not_forwarded")
-                _log.error(
-                    "dropped a response of a type Envoy is not sent: %s",
-                    type_url,
-                    extra=log.fields(id=self.id),
+                self.relay.say.error(
+                    "dropped a response of a type Envoy is not sent: %s", type_url, id=self.id
                 )
                 continue
             state = types.get(type_url) or self._state(type_url)
@@ -429,7 +496,7 @@ class Session(route.RouteCore):
             try:
                 await send(data)
             except StreamError as exc:
-                return Ending("downstream", exc.status)
+                return _failed("downstream", exc)
             self._forwarded(state, response, len(data), arrived)
 
     async def _rewrite(
@@ -450,10 +517,11 @@ class Session(route.RouteCore):
             )
             self.requests.put_nowait(nack)
             self.metrics.dropped_responses.inc_label("rejected_by_agent")
-            _log.error(
+            self.relay.say.error(
                 "rejected (NACK) instead of forwarding: %s",
-                exc,
-                extra=log.fields(id=self.id, type=rewriter.type_url),
+                str(exc),
+                id=self.id,
+                type=rewriter.type_url,
             )
             return None
 
