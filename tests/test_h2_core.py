@@ -98,6 +98,10 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
         def _wake_window(self) -> None:
             log.append(("wake_window",))
 
+        def unread_over(self, stream: Any, per_connection: bool) -> None:
+            log.append(("unread_over", stream.id, per_connection))
+            stream.closed = True
+
     conn = Conn()
     for sid in (1, 3, 5):
         stream = Stream()
@@ -107,6 +111,7 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
         stream.held = stream.credit = 0
         stream.recv_window, stream.send_window = LOCAL_WINDOW, 1000
         stream.ended, stream.closed, stream.receiving = sid == 5, False, sid == 1
+        stream.reading, stream.unread = sid == 1, 0  # the relay reads 1; 3 is not read yet
         stream.error = None
         stream._waiter = None
         stream.sink = None
@@ -124,8 +129,10 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
     return conn, log
 
 
-CONN_FIELDS = ("recv_window", "send_window", "conn_credit", "data_left", "closed")
-STREAM_FIELDS = ("held", "credit", "recv_window", "send_window", "ended", "closed", "error")
+CONN_FIELDS = ("recv_window", "send_window", "conn_credit", "data_left", "closed", "unread")
+STREAM_FIELDS = (
+    "held", "credit", "recv_window", "send_window", "ended", "closed", "error", "unread"
+)  # fmt: skip
 
 
 def state(conn: Any, log: list[tuple[Any, ...]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from cpython.bytearray cimport (
     PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize,
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
 from cpython.dict cimport PyDict_GetItem
@@ -19,9 +20,13 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from xdsfast._errors import H2ConnectionError
 
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject** string, Py_ssize_t newsize) except -1
+
 cdef enum:
     DEF_SMALL = 4096  # messages up to this size go out as one chunk (header + payload)
 PREALLOC_MAX = 64 << 20  # a message's buffer is allocated whole at its prefix up to this size
+PREALLOC_UNREAD = 64 << 10  # the same for a stream the relay does not read yet
 
 
 cdef inline void _put_header(uint8_t* out, Py_ssize_t length, int ftype, int flags,
@@ -148,23 +153,28 @@ cdef class Assembler:
 
     ``feed(buf, start, end)`` takes ``buf[start:end]`` (any part of any frame) and
     returns the messages it completed, or None.  A message whose prefix has been seen
-    is copied once, straight into the ``bytes`` object that is handed out (allocated
-    whole from the prefix's length; above ``PREALLOC_MAX`` it grows as bytes arrive
-    and is copied once more at the end).  A message that lies whole inside ``buf`` is
-    cut out with one copy too.  On a bad prefix, ``error`` becomes 1 (compressed) or 2
-    (longer than ``max_len``; its length in ``error_length``) and feeding stops.
+    is copied once, straight into the ``bytes`` object that is handed out: allocated
+    whole from the prefix's length up to ``prealloc`` bytes; a longer one starts at
+    ``prealloc`` and doubles as bytes arrive, never past the declared length (resized in
+    place, so no copy at the end: a 100 MB push costs 1x, not 2x).  So a prefix whose
+    bytes never come costs at most ``prealloc``.  A message that lies whole inside
+    ``buf`` is cut out with one copy too.  On a bad prefix, ``error`` becomes 1
+    (compressed) or 2 (longer than ``max_len``; its length in ``error_length``) and
+    feeding stops.
     """
 
     cdef readonly Py_ssize_t max_len
+    cdef public Py_ssize_t prealloc  # allocated at a prefix at most (then doubled as needed)
     cdef public int error
     cdef public Py_ssize_t error_length
     cdef uint8_t head[5]
     cdef Py_ssize_t head_len  # prefix bytes seen of the current message
-    cdef object msg  # bytes being filled, or bytearray (huge), or None
-    cdef Py_ssize_t msg_len, msg_pos
+    cdef object msg  # the bytes being filled (``msg_cap`` allocated), or None
+    cdef Py_ssize_t msg_len, msg_pos, msg_cap
 
     def __init__(self, Py_ssize_t max_len):
         self.max_len = max_len
+        self.prealloc = PREALLOC_MAX
         self.error = 0
         self.error_length = -1
         self.head_len = 0
@@ -176,7 +186,7 @@ cdef class Assembler:
         return self.head_len > 0
 
     cdef int _begin(self, const uint8_t* h) except -1:
-        cdef Py_ssize_t length
+        cdef Py_ssize_t length, first
         if h[0] != 0:
             self.error = 1
             return 0
@@ -188,11 +198,29 @@ cdef class Assembler:
             return 0
         self.msg_len = length
         self.msg_pos = 0
-        if length <= PREALLOC_MAX:
-            self.msg = PyBytes_FromStringAndSize(NULL, length)
-        else:
-            self.msg = bytearray()
+        first = length if length <= self.prealloc else self.prealloc
+        if first < 1 and length:
+            first = 1  # (a size-0 bytes is a shared singleton: never resized)
+        self.msg = PyBytes_FromStringAndSize(NULL, first)
+        self.msg_cap = first
         return 1
+
+    cdef int _grow(self, Py_ssize_t need) except -1:
+        """Room for ``need`` bytes: double, up to the declared length (in place if it can)."""
+        cdef Py_ssize_t cap = self.msg_cap * 2
+        cdef PyObject* raw
+        if cap < need:
+            cap = need
+        if cap > self.msg_len:
+            cap = self.msg_len
+        raw = <PyObject*>self.msg
+        Py_INCREF(<object>raw)  # ours; the attribute's goes next, so it is the only one
+        self.msg = None
+        _PyBytes_Resize(&raw, cap)  # on failure: freed, NULL, MemoryError raised
+        self.msg = <object>raw  # the attribute's reference...
+        Py_DECREF(<object>raw)  # ...and ours dropped
+        self.msg_cap = cap
+        return 0
 
     def feed(self, buf, Py_ssize_t start, Py_ssize_t end):
         cdef Py_buffer view
@@ -255,18 +283,13 @@ cdef class Assembler:
                 if take > end - start:
                     take = end - start
                 if take:
-                    if type(self.msg) is bytes:
-                        memcpy(PyBytes_AS_STRING(self.msg) + self.msg_pos, p + start, take)
-                    else:
-                        PyByteArray_Resize(self.msg, self.msg_pos + take)
-                        memcpy(PyByteArray_AS_STRING(self.msg) + self.msg_pos, p + start,
-                               take)
+                    if self.msg_pos + take > self.msg_cap:
+                        self._grow(self.msg_pos + take)
+                    memcpy(PyBytes_AS_STRING(self.msg) + self.msg_pos, p + start, take)
                     self.msg_pos += take
                     start += take
             if self.head_len == 5 and self.msg_pos == self.msg_len:
                 msg = self.msg
-                if type(msg) is not bytes:
-                    msg = bytes(msg)
                 if out is None:
                     out = []
                 out.append(msg)
@@ -282,7 +305,19 @@ cdef class Assembler:
 # call per frame.  The engine subclasses them (``engines/fast.py``) with everything that
 # is not per read: headers, settings, pings, GOAWAY, errors.  Those the core calls by name
 # (``on_frame``, ``on_end_stream``, ``abort``, ``engine_error``, ``stream_failed``,
-# ``check_not_idle``, ``bad_message``, ``sink_failed``, ``_wake_window``).
+# ``check_not_idle``, ``unread_over``, ``bad_message``, ``sink_failed``, ``_wake_window``).
+#
+# Hostile peers.  Memory: a stream's data is credited back to the peer, for the stream and
+# for the connection, only once the relay has taken it (or it belongs to a message being
+# reassembled for a stream the relay reads), so what the relay does not read stays within
+# the windows; what streams the relay does not read yet hold (messages, with their
+# overhead) is bounded per connection (``UNREAD_MAX``) and per process
+# (``UNREAD_PROCESS_MAX``): past either, the stream is reset (ENHANCE_YOUR_CALM).
+# CPU and output: PING, SETTINGS, PRIORITY, empty DATA/CONTINUATION and unknown frames
+# spend a budget that refills over time (``CONTROL_BURST``, ``CONTROL_RATE``); replies to
+# the peer's frames (PING and SETTINGS ACKs, resets) are counted while the peer does not
+# read (the transport paused writing), up to ``REPLY_BACKLOG``.  Past either: a connection
+# error, ENHANCE_YOUR_CALM.
 
 cdef enum:
     _DATA = 0
@@ -294,10 +329,26 @@ cdef enum:
     _FLOW_CONTROL_ERROR = 3
     _STREAM_CLOSED = 5
     _FRAME_SIZE_ERROR = 6
+    _ENHANCE_YOUR_CALM = 11
 
 cdef Py_ssize_t _MAX_WINDOW = 2147483647
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 READ_SIZE = 256 << 10  # the connection's read buffer (uvloop's own read size)
+MESSAGE_COST = 64  # what a queued message costs besides its bytes (object header, queue slot)
+# Messages held for streams the relay does not read yet, per connection: twice its window
+# (16 MiB, which bounds their bytes), so only the overhead of tiny messages reaches it...
+UNREAD_MAX = 32 << 20
+UNREAD_PROCESS_MAX = 128 << 20  # ...and all connections together
+CONTROL_BURST = 1000.0  # PING, SETTINGS, empty and unknown frames a peer may send at once...
+CONTROL_RATE = 100.0  # ...and per second after that
+REPLY_BACKLOG = 1000  # replies to the peer's frames queued while it does not read
+
+cdef Py_ssize_t _unread_total = 0  # UNREAD_PROCESS_MAX's count
+
+
+def unread_total():
+    """What streams the relay does not read yet hold, all connections together (bytes)."""
+    return _unread_total
 
 
 
@@ -366,6 +417,8 @@ cdef class StreamCore:
     cdef public object error  # recv() raises it once messages run out
     cdef public object sink  # takes messages while recv() waits
     cdef public bint sendable  # the relay may send now (headers out, not half-closed)
+    cdef public bint reading  # the relay has started taking its messages
+    cdef public Py_ssize_t unread  # what its messages cost while it was not read (bytes)
     cdef public object _waiter
 
     def on_payload(self, buf, Py_ssize_t start, Py_ssize_t end):
@@ -389,11 +442,53 @@ cdef class StreamCore:
         if messages:
             self.messages.extend(messages)
             self._wake_receiver()
+            if not self.reading and self._count_unread(messages):
+                return 0  # over the budget: reset
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
-        elif not messages and not self.messages:
+        elif not messages and not self.messages and self.reading:
             # A message is being reassembled and nothing waits to be taken: let it come.
             self._credit_held()
+        return 0
+
+    cdef bint _count_unread(self, list messages) except -1:
+        """Messages queued before the relay reads this stream: within the budgets, or the
+        stream is reset (True)."""
+        global _unread_total
+        cdef ConnCore conn = self.conn
+        cdef Py_ssize_t cost = 0
+        for message in messages:
+            cost += len(message) + MESSAGE_COST
+        self.unread += cost
+        conn.unread += cost
+        _unread_total += cost
+        if conn.unread > conn.unread_max or _unread_total > UNREAD_PROCESS_MAX:
+            conn.unread_over(self, conn.unread > conn.unread_max)
+            return True
+        return False
+
+    def start_reading(self):
+        """The relay takes this stream's messages from now on: what they cost leaves the
+        budgets, a message being reassembled may come (``_credit_held``), and the next
+        one is allocated whole at its prefix."""
+        self._start_reading()
+
+    cdef int _start_reading(self) except -1:
+        if self.reading:
+            return 0
+        self.reading = True
+        self.assembler.prealloc = PREALLOC_MAX
+        self._forget_unread()
+        if not self.messages:
+            self._credit_held()
+        return 0
+
+    cdef int _forget_unread(self) except -1:
+        global _unread_total
+        if self.unread:
+            self.conn.unread -= self.unread
+            _unread_total -= self.unread
+            self.unread = 0
         return 0
 
     cdef list _offer(self, list messages):
@@ -418,6 +513,8 @@ cdef class StreamCore:
         the relay's slow path has sent the one that had to wait, those queued behind it go
         on from here, not one task step each."""
         cdef object messages = self.messages
+        if not self.reading:
+            self._start_reading()
         if not messages or self.sink is None:
             return
         while messages:
@@ -465,6 +562,7 @@ cdef class StreamCore:
         ):
             self.send_window -= total
             conn.send_window -= total
+            conn.sent_data = True
             if size <= DEF_SMALL:
                 chunk = PyBytes_FromStringAndSize(NULL, 9 + total)
                 out = <uint8_t*>PyBytes_AS_STRING(chunk)
@@ -502,11 +600,21 @@ cdef class ConnCore:
     cdef bytearray _rbuf  # what get_buffer() lends the transport, allocated at first use
     cdef public bint coalesce  # hold writes made in a read callback, write them joined after
     cdef list _pending  # the writes held (see _batch_depth)
+    cdef public bint in_read  # inside this connection's read callback
+    cdef public bint sent_data  # DATA or HEADERS written since the peer's last PING
+    cdef public Py_ssize_t unread  # what streams the relay does not read hold (bytes)
+    cdef public Py_ssize_t unread_max  # ... at most (UNREAD_MAX)
+    cdef public double budget, budget_at  # control frames the peer may send, as of when
+    cdef public double control_burst, control_rate  # the budget's size and refill per second
+    cdef public Py_ssize_t replies_paused  # replies written since the transport paused
 
     def __cinit__(self, *args, **kwargs):
         self.buf = bytearray()
         self.streams = {}
         self._window_waiters = []
+        self.unread_max = UNREAD_MAX
+        self.budget = self.control_burst = CONTROL_BURST
+        self.control_rate = CONTROL_RATE
 
     def get_buffer(self, Py_ssize_t sizehint):
         """asyncio.BufferedProtocol: reads land in one buffer per connection, parsed where
@@ -531,9 +639,11 @@ cdef class ConnCore:
             return 0
         self.last_read = _monotonic()
         _batch_depth += 1
+        self.in_read = True
         try:
             self._read(data, p, size)
         finally:
+            self.in_read = False
             _batch_depth -= 1
             if not _batch_depth and _batched:
                 held, _batched = _batched, []
@@ -556,8 +666,8 @@ cdef class ConnCore:
         except Exception as exc:  # a bug: never let it escape into the event loop
             self.engine_error(exc)
             return 0
-        if not self.closed and self.conn_credit >= self.conn_window // 4:
-            self._credit_conn()
+        if not self.closed:
+            self._maybe_credit_conn()
         return 0
 
     cdef int _receive_preface(self, data) except -1:
@@ -682,11 +792,12 @@ cdef class ConnCore:
                 and self.header_block is None
             ):  # the common case: a whole frame for a live stream
                 self.recv_window -= length
-                self.conn_credit += length
                 stream.recv_window -= length
-                stream.held += length
+                stream.held += length  # credited (stream and connection) once taken
                 if length:
                     stream._payload(p, start, end)
+                elif not flags & _END_STREAM:
+                    self._charge("empty DATA frames")
                 if flags & _END_STREAM:
                     self.on_end_stream(stream)
                 return 0
@@ -736,21 +847,25 @@ cdef class ConnCore:
         self.recv_window -= length
         if self.recv_window < 0:
             raise H2ConnectionError(_FLOW_CONTROL_ERROR, "connection window exceeded")
-        self.conn_credit += length
+        if not length and not flags & _END_STREAM:
+            self._charge("empty DATA frames")
         self.data_left = length
         self.data_end_stream = flags & _END_STREAM
         self.data_feed = False
         stream = self.data_stream = _stream_of(self.streams, sid)
         if stream is None:
+            self.conn_credit += length  # dropped: the connection's share comes back at once
             self.check_not_idle(sid, "DATA")
-            self._put(_frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
+            self._reply(_frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
             return 0
         if stream.ended:
+            self.conn_credit += length
             self.data_stream = None
             self.stream_failed(stream, _STREAM_CLOSED, "DATA after END_STREAM")
             return 0
         stream.recv_window -= length
         if stream.recv_window < 0:
+            self.conn_credit += length
             self.data_stream = None
             self.stream_failed(stream, _FLOW_CONTROL_ERROR, "flow control error")
             return 0
@@ -774,21 +889,89 @@ cdef class ConnCore:
         self._credit(stream, amount)
 
     cdef int _credit(self, StreamCore stream, Py_ssize_t amount) except -1:
-        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
+        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more, on
+        the stream and on the connection."""
         stream.credit += amount
         if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
             self._put(_frame_u32(_WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
             stream.recv_window += stream.credit
             stream.credit = 0
+        self.conn_credit += amount
+        if not self.in_read:  # (a read credits the connection once, as it ends)
+            self._maybe_credit_conn()
+
+    def release_stream(self, StreamCore stream):
+        """``stream`` leaves the connection: what it held goes back to the connection's
+        window and what it cost leaves the unread budgets."""
+        stream._forget_unread()
+        if stream.held:
+            self.conn_credit += stream.held
+            stream.held = 0
+            if not self.in_read:
+                self._maybe_credit_conn()
 
     def _flush_conn_credit(self):
         self._credit_conn()
+
+    cdef int _maybe_credit_conn(self) except -1:
+        """Credit the connection in batches of a quarter of its window; at once when the
+        peer has less than that left (streams the relay does not read hold the rest)."""
+        if self.conn_credit and not self.closed and (
+            self.conn_credit >= self.conn_window // 4
+            or self.recv_window < self.conn_window // 4
+        ):
+            self._credit_conn()
+        return 0
 
     cdef int _credit_conn(self) except -1:
         cdef Py_ssize_t credit = self.conn_credit
         self.conn_credit = 0
         self.recv_window += credit
         self._put(_frame_u32(_WINDOW_UPDATE, 0, <uint32_t>credit))
+
+    def charge(self, str what):
+        """The peer sent one of ``what`` (PING, SETTINGS, an empty or unknown frame)."""
+        self._charge(what)
+
+    cdef int _charge(self, str what) except -1:
+        """Spend one from the control-frame budget; past it, a connection error."""
+        cdef double budget = self.budget + (self.last_read - self.budget_at) * self.control_rate
+        if budget > self.control_burst:
+            budget = self.control_burst
+        self.budget_at = self.last_read
+        self.budget = budget - 1
+        if self.budget < 0:
+            raise H2ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"flood of {what}: over {self.control_burst:.0f} control frames at once "
+                f"or {self.control_rate:.0f} a second",
+            )
+        return 0
+
+    def count_reply(self):
+        """A reply to the peer's frame is about to be written (see ``_count_reply``)."""
+        self._count_reply()
+
+    cdef int _count_reply(self) except -1:
+        """Replies written while the peer does not read (the transport paused writing) are
+        counted; past ``REPLY_BACKLOG``, a connection error."""
+        if self.write_paused:
+            self.replies_paused += 1
+            if self.replies_paused > REPLY_BACKLOG:
+                raise H2ConnectionError(
+                    _ENHANCE_YOUR_CALM,
+                    f"the peer does not read: over {REPLY_BACKLOG} replies to its frames queued",
+                )
+        return 0
+
+    def reply(self, data):
+        """Write a reply to the peer's frame (counted: ``_count_reply``)."""
+        self._reply(data)
+
+    cdef int _reply(self, data) except -1:
+        self._count_reply()
+        self._put(data)
+        return 0
 
     def write(self, data):
         self._put(data)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 _SMALL = 4096
 PREALLOC_MAX = 64 << 20
+PREALLOC_UNREAD = 64 << 10
 
 Buffer = Union[bytes, bytearray, memoryview]
 Frame = tuple[int, int, int, int, int]
@@ -91,10 +92,11 @@ def data_frames(
 class Assembler:
     """Cuts one stream's gRPC messages out of its DATA payloads (see ``_h2.pyx``)."""
 
-    __slots__ = ("_head", "_msg", "_need", "error", "error_length", "max_len")
+    __slots__ = ("_head", "_msg", "_need", "error", "error_length", "max_len", "prealloc")
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
+        self.prealloc = PREALLOC_MAX  # (the compiled one's allocation policy; unused here)
         self.error = 0
         self.error_length = -1
         self._head = bytearray()  # prefix bytes seen of the current message
@@ -161,9 +163,27 @@ class Assembler:
 _DATA, _RST_STREAM, _WINDOW_UPDATE = 0, 3, 8
 _END_STREAM, _PADDED = 0x1, 0x8
 _PROTOCOL_ERROR, _FLOW_CONTROL_ERROR, _STREAM_CLOSED, _FRAME_SIZE_ERROR = 1, 3, 5, 6
+_ENHANCE_YOUR_CALM = 11
 _MAX_WINDOW = 2**31 - 1
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 READ_SIZE = 256 << 10
+MESSAGE_COST = 64
+UNREAD_MAX = 32 << 20
+UNREAD_PROCESS_MAX = 128 << 20
+CONTROL_BURST = 1000.0
+CONTROL_RATE = 100.0
+REPLY_BACKLOG = 1000
+
+
+class _Unread:
+    """UNREAD_PROCESS_MAX's count (see ``_h2.pyx``)."""
+
+    total = 0
+
+
+def unread_total() -> int:
+    """What streams the relay does not read yet hold, all connections together (bytes)."""
+    return _Unread.total
 
 
 class StreamCore:
@@ -180,11 +200,13 @@ class StreamCore:
         "held",
         "id",
         "messages",
+        "reading",
         "receiving",
         "recv_window",
         "send_window",
         "sendable",
         "sink",
+        "unread",
     )
 
     conn: ConnCore
@@ -201,6 +223,8 @@ class StreamCore:
     error: Any
     sink: Callable[[bytes], bool] | None
     sendable: bool  # the relay may send now (headers out, not half-closed)
+    reading: bool  # the relay has started taking its messages
+    unread: int  # what its messages cost while it was not read (bytes)
     _waiter: asyncio.Future[None] | None
 
     # Called by name; the engine's subclass defines them.
@@ -221,11 +245,42 @@ class StreamCore:
         if messages:
             self.messages.extend(messages)
             self._wake()
+            if not self.reading and self._count_unread(messages):
+                return  # over the budget: reset
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
-        elif not messages and not self.messages:
+        elif not messages and not self.messages and self.reading:
             # A message is being reassembled and nothing waits to be taken: let it come.
             self._release()
+
+    def _count_unread(self, messages: list[bytes]) -> bool:
+        """Messages queued before the relay reads this stream: within the budgets, or the
+        stream is reset (True)."""
+        conn = self.conn
+        cost = sum(len(message) + MESSAGE_COST for message in messages)
+        self.unread += cost
+        conn.unread += cost
+        _Unread.total += cost
+        if conn.unread > conn.unread_max or _Unread.total > UNREAD_PROCESS_MAX:
+            conn.unread_over(self, conn.unread > conn.unread_max)
+            return True
+        return False
+
+    def start_reading(self) -> None:
+        """The relay takes this stream's messages from now on (see ``_h2.pyx``)."""
+        if self.reading:
+            return
+        self.reading = True
+        self.assembler.prealloc = PREALLOC_MAX
+        self._forget_unread()
+        if not self.messages:
+            self._release()
+
+    def _forget_unread(self) -> None:
+        if self.unread:
+            self.conn.unread -= self.unread
+            _Unread.total -= self.unread
+            self.unread = 0
 
     def _offer(self, messages: list[bytes]) -> list[bytes] | None:
         """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
@@ -247,6 +302,8 @@ class StreamCore:
         """Hand messages queued for recv() to the sink, in order, until it declines (see
         ``_h2.pyx``)."""
         messages = self.messages
+        if not self.reading:
+            self.start_reading()
         if not messages or self.sink is None:
             return
         while messages:
@@ -286,6 +343,7 @@ class StreamCore:
         ):
             self.send_window -= total
             conn.send_window -= total
+            conn.sent_data = True
             conn.writelines(data_frames(data, 0, total, self.id, total))
             return True
         return False
@@ -331,6 +389,14 @@ class ConnCore:
         self._rbuf: bytearray | None = None
         self.coalesce = False  # hold writes made in a read callback, write them joined after
         self._pending: list[Any] | None = None
+        self.in_read = False  # inside this connection's read callback
+        self.sent_data = False  # DATA or HEADERS written since the peer's last PING
+        self.unread = 0  # what streams the relay does not read hold (bytes)
+        self.unread_max = UNREAD_MAX
+        self.budget = self.control_burst = CONTROL_BURST  # control frames the peer may send
+        self.budget_at = 0.0  # ... as of when
+        self.control_rate = CONTROL_RATE  # ... added per second
+        self.replies_paused = 0  # replies written since the transport paused
 
     # Called by name; the engine's subclass defines them.
     def on_frame(
@@ -356,6 +422,9 @@ class ConnCore:
     def _wake_window(self) -> None:
         raise NotImplementedError
 
+    def unread_over(self, stream: Any, per_connection: bool) -> None:
+        raise NotImplementedError
+
     def get_buffer(self, sizehint: int) -> bytearray:
         """asyncio.BufferedProtocol: one read buffer per connection (see ``_h2.pyx``)."""
         if self._rbuf is None:
@@ -373,9 +442,11 @@ class ConnCore:
             return
         self.last_read = time.monotonic()
         _Batch.depth += 1
+        self.in_read = True
         try:
             self._read(data)
         finally:
+            self.in_read = False
             _Batch.depth -= 1
             if not _Batch.depth and _Batch.conns:
                 held, _Batch.conns = _Batch.conns, []
@@ -394,8 +465,8 @@ class ConnCore:
         except Exception as exc:  # a bug: never let it escape into the event loop
             self.engine_error(exc)
             return
-        if not self.closed and self.conn_credit >= self.conn_window // 4:
-            self._flush_conn_credit()
+        if not self.closed:
+            self._maybe_credit_conn()
 
     def _receive_preface(self, data: Buffer) -> None:
         buf = self.buf
@@ -498,11 +569,12 @@ class ConnCore:
                 and self.header_block is None
             ):  # the common case: a whole frame for a live stream
                 self.recv_window -= length
-                self.conn_credit += length
                 stream.recv_window -= length
-                stream.held += length
+                stream.held += length  # credited (stream and connection) once taken
                 if length:
                     stream.on_payload(data, start, end)
+                elif not flags & _END_STREAM:
+                    self.charge("empty DATA frames")
                 if flags & _END_STREAM:
                     self.on_end_stream(stream)
                 return
@@ -539,21 +611,25 @@ class ConnCore:
         self.recv_window -= length
         if self.recv_window < 0:
             raise H2ConnectionError(_FLOW_CONTROL_ERROR, "connection window exceeded")
-        self.conn_credit += length
+        if not length and not flags & _END_STREAM:
+            self.charge("empty DATA frames")
         self.data_left = length
         self.data_end_stream = bool(flags & _END_STREAM)
         self.data_feed = False
         stream = self.data_stream = self.streams.get(sid)
         if stream is None:
+            self.conn_credit += length  # dropped: the connection's share comes back at once
             self.check_not_idle(sid, "DATA")
-            self.write(frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
+            self.reply(frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
             return
         if stream.ended:
+            self.conn_credit += length
             self.data_stream = None
             self.stream_failed(stream, _STREAM_CLOSED, "DATA after END_STREAM")
             return
         stream.recv_window -= length
         if stream.recv_window < 0:
+            self.conn_credit += length
             self.data_stream = None
             self.stream_failed(stream, _FLOW_CONTROL_ERROR, "flow control error")
             return
@@ -571,17 +647,73 @@ class ConnCore:
             self.on_end_stream(stream)
 
     def credit_stream(self, stream: StreamCore, amount: int) -> None:
-        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more."""
+        """The relay consumed ``amount`` bytes of ``stream``: let the peer send more, on
+        the stream and on the connection."""
         stream.credit += amount
         if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
             self.write(frame_u32(_WINDOW_UPDATE, stream.id, stream.credit))
             stream.recv_window += stream.credit
             stream.credit = 0
+        self.conn_credit += amount
+        if not self.in_read:  # (a read credits the connection once, as it ends)
+            self._maybe_credit_conn()
+
+    def release_stream(self, stream: StreamCore) -> None:
+        """``stream`` leaves the connection: what it held goes back to the connection's
+        window and what it cost leaves the unread budgets."""
+        stream._forget_unread()
+        if stream.held:
+            self.conn_credit += stream.held
+            stream.held = 0
+            if not self.in_read:
+                self._maybe_credit_conn()
+
+    def _maybe_credit_conn(self) -> None:
+        """Credit the connection in batches of a quarter of its window; at once when the
+        peer has less than that left (streams the relay does not read hold the rest)."""
+        if (
+            self.conn_credit
+            and not self.closed
+            and (
+                self.conn_credit >= self.conn_window // 4
+                or self.recv_window < self.conn_window // 4
+            )
+        ):
+            self._flush_conn_credit()
 
     def _flush_conn_credit(self) -> None:
         credit, self.conn_credit = self.conn_credit, 0
         self.recv_window += credit
         self.write(frame_u32(_WINDOW_UPDATE, 0, credit))
+
+    def charge(self, what: str) -> None:
+        """The peer sent one of ``what``: spend one from the control-frame budget; past it,
+        a connection error (see ``_h2.pyx``)."""
+        budget = self.budget + (self.last_read - self.budget_at) * self.control_rate
+        self.budget_at = self.last_read
+        self.budget = min(budget, self.control_burst) - 1
+        if self.budget < 0:
+            raise H2ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"flood of {what}: over {self.control_burst:.0f} control frames at once "
+                f"or {self.control_rate:.0f} a second",
+            )
+
+    def count_reply(self) -> None:
+        """Replies written while the peer does not read (the transport paused writing) are
+        counted; past ``REPLY_BACKLOG``, a connection error."""
+        if self.write_paused:
+            self.replies_paused += 1
+            if self.replies_paused > REPLY_BACKLOG:
+                raise H2ConnectionError(
+                    _ENHANCE_YOUR_CALM,
+                    f"the peer does not read: over {REPLY_BACKLOG} replies to its frames queued",
+                )
+
+    def reply(self, data: bytes) -> None:
+        """Write a reply to the peer's frame (counted: ``count_reply``)."""
+        self.count_reply()
+        self.write(data)
 
     def write(self, data: bytes) -> None:
         self.writelines([data])

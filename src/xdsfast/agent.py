@@ -17,7 +17,7 @@ from xdsfast.health import HealthChecker
 from xdsfast.intercept import Interceptor, NameTableInterceptor, ProxyConfigInterceptor
 from xdsfast.metrics import Metrics
 from xdsfast.relay import Relay
-from xdsfast.status import StatusServer, name_table_json
+from xdsfast.status import StatusServer
 from xdsfast.wasm import build_rewriter
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class Agent:
         self.status = StatusServer(
             ready=self.readiness,
             metrics=self.metrics.exposition,
-            ndsz=lambda: name_table_json(self.dns_table.table),
+            ndsz=lambda: self.dns_table.table,
             xds=self.relay.debug_state,
         )
 
@@ -152,6 +152,7 @@ class Agent:
             await self.health.stop()
         self.relay.drain()
         await self.server.stop(grace=grace)
+        self.relay.say.close()  # lines held back by the throttle go out now
         if self.wasm is not None:
             await self.wasm.stop()
         _log.info("xDS proxy stopped")

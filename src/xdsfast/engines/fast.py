@@ -10,10 +10,13 @@ calling back into this module only for the other frames.  Outgoing messages go t
 transport as frame headers plus slices of the message, never joined; only over TLS are the
 small writes one read callback made joined, into one record (``ConnCore.coalesce``).
 
-Flow control bounds memory both ways: a stream's receive window is credited back
-only for bytes the relay has taken with ``recv()`` (or that belong to a message still
-being reassembled, which must complete), and ``send()`` waits for the peer's window
-and for the transport's write buffer to drain.
+Flow control bounds memory both ways: a stream's receive window, and the connection's,
+are credited back only for bytes the relay has taken with ``recv()`` (or that belong to a
+message still being reassembled for a stream the relay reads, which must complete), and
+``send()`` waits for the peer's window and for the transport's write buffer to drain.
+Hostile peers (either side) meet the core's budgets: messages held for streams the relay
+does not read yet, control frames per second, replies queued for a peer that does not
+read (``xdsfast._h2``); past one, ENHANCE_YOUR_CALM, counted and logged (``HOSTILE``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import asyncio
 import contextlib
 import os
 import ssl
-import tempfile
 import time
 from collections import deque
 from typing import cast
@@ -46,7 +48,7 @@ from xdsfast.engines import (
     Upstream,
 )
 from xdsfast.engines._sockets import prepare_socket_path
-from xdsfast.upstream import TlsMaterial, bearer_token, load_tls
+from xdsfast.upstream import bearer_token, load_tls
 
 if os.environ.get("XDSFAST_NO_EXTENSIONS"):
     from xdsfast import _h2_py as _h2
@@ -89,6 +91,10 @@ MAX_HEADER_LIST = 64 << 10  # decoded header list size we accept
 MAX_HEADER_BLOCK = 256 << 10  # encoded header block (HEADERS + CONTINUATION) we buffer
 UNLIMITED = 2**62
 CLOSE_WAIT = 1.0  # how long closing an upstream stream waits for istiod to end it
+# How long a closed connection may take to flush what it wrote (a peer that does not read
+# would otherwise keep it, and its buffer, forever).
+CLOSE_GRACE = 2.0
+HOSTILE_LOG_INTERVAL = 60.0  # one warning per kind of hostile peer per interval, with a count
 
 _CONTENT_TYPE = b"application/grpc"
 
@@ -114,6 +120,46 @@ def _settings(values: dict[int, int]) -> bytes:
 
 def _percent(message: str) -> bytes:
     return quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode("ascii")
+
+
+class _Hostile:
+    """Hostile peers met, counted by kind; one warning per kind per interval, with the
+    number met since the last one (a peer that reconnects cannot flood the log)."""
+
+    KINDS = ("control_flood", "unread_replies", "unread_requests", "header_limits")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.KINDS, 0)
+        self._logged: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def note(self, kind: str, who: str, why: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = time.monotonic()
+        last = self._logged.get(kind)
+        if last is not None and now - last < HOSTILE_LOG_INTERVAL:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return
+        self._logged[kind] = now
+        more = self._quiet.pop(kind, 0)
+        _log.warning(
+            "hostile HTTP/2 peer (%s): %s%s",
+            who,
+            why,
+            f" ({more} more since the last report)" if more else "",
+        )
+
+
+HOSTILE = _Hostile()  # per process: what an operator may want counted (see ``counts``)
+
+
+def _hostile_kind(why: str) -> str:
+    """Which budget an ENHANCE_YOUR_CALM connection error came from (the core's words)."""
+    if why.startswith("flood of"):
+        return "control_flood"
+    if "does not read" in why:
+        return "unread_replies"
+    return "header_limits"
 
 
 # -- streams ---------------------------------------------------------------------------------
@@ -146,6 +192,9 @@ class _Stream(_h2.StreamCore):
         self.task: asyncio.Task[None] | None = None
         self.sink = None  # takes messages while next_message() waits
         self.receiving = False  # next_message() waits, with nothing queued
+        self.reading = False  # the relay has started taking messages (then: credit, prealloc)
+        self.unread = 0  # what messages queued before that cost (the core's budgets)
+        self.assembler.prealloc = _h2.PREALLOC_UNREAD  # a hostile prefix costs little
 
     def sink_failed(self, exc: Exception) -> None:
         _log.error("stream sink failed", exc_info=exc)
@@ -173,8 +222,20 @@ class _Stream(_h2.StreamCore):
             self.error = error
         self._wake()
 
+    def failure(self) -> StreamError:
+        """``self.error`` to raise: a copy, since the one kept would keep the traceback of
+        each raise, whose frames refer to this stream (a cycle only a full GC frees)."""
+        assert self.error is not None
+        return StreamError(self.error.status)
+
+    def handled(self, task: asyncio.Task[None]) -> None:
+        """The handler's task ended: not kept, as its exception's traceback refers to this
+        stream (a cycle only a full GC frees, holding all the handler held)."""
+        self.task = None
+
     async def finished(self) -> None:
         """Until the peer ended the stream or it failed (messages left unread are dropped)."""
+        self.start_reading()
         while not self.ended and self.error is None and not self.closed:
             self.messages.clear()
             self._release()
@@ -183,6 +244,8 @@ class _Stream(_h2.StreamCore):
 
     async def next_message(self) -> bytes | None:
         """The next message; None at the peer's END_STREAM; raises ``self.error``."""
+        if not self.reading:
+            self.start_reading()
         while True:
             messages = self.messages
             if messages:
@@ -191,7 +254,7 @@ class _Stream(_h2.StreamCore):
                     self._release()
                 return data
             if self.error is not None:
-                raise self.error
+                raise self.failure()
             if self.ended:
                 return None
             waiter = self._waiter = self.conn.loop.create_future()
@@ -211,7 +274,7 @@ class _Stream(_h2.StreamCore):
         offset = 0
         while offset < total:
             if self.closed or conn.closed:
-                raise self.error or StreamError(conn.lost_status())
+                raise self.failure() if self.error else StreamError(conn.lost_status())
             window = min(self.send_window, conn.send_window)
             if window <= 0:
                 await conn.wait_window()
@@ -219,6 +282,7 @@ class _Stream(_h2.StreamCore):
             n = min(window, total - offset)
             self.send_window -= n
             conn.send_window -= n
+            conn.sent_data = True
             conn.writelines(_h2.data_frames(data, offset, n, self.id, conn.peer_max_frame))
             offset += n
         if conn.write_paused:
@@ -263,6 +327,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         self.last_read = time.monotonic()  # the core's clock is CLOCK_MONOTONIC too
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -300,6 +365,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.replies_paused = 0  # the peer reads again
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -312,13 +378,14 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         if not self.close_reason:
             self.close_reason = "Socket closed" if exc is None else f"Socket closed: {exc}"
         self.closed = True
-        for timer in (self._keepalive, self._ping_deadline):
+        for timer in (self._keepalive, self._ping_deadline, self._close_timer):
             if timer is not None:
                 timer.cancel()
         self.resume_writing()
         self._wake_window()
         error = StreamError(self.lost_status())
         for stream in list(self.streams.values()):
+            self.release_stream(stream)
             self.stream_lost(stream, error)
         self.streams.clear()
         if not self.ready.done():
@@ -366,6 +433,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
             frames.append(
                 _header(len(piece), CONTINUATION, 0 if rest else END_HEADERS, stream_id) + piece
             )
+        self.sent_data = True
         self.writelines(frames)
 
     def reset(self, stream: _Stream, code: int) -> None:
@@ -374,12 +442,29 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
 
     def stream_failed(self, stream: _Stream, code: int, why: str) -> None:
         """A stream error: RST_STREAM ``code``; its call ends with INTERNAL ``why``."""
+        self.count_reply()
         self.reset(stream, code)
         self.stream_lost(stream, StreamError(Status(Code.INTERNAL, why)))
+
+    def unread_over(self, stream: _Stream, per_connection: bool) -> None:
+        """The core: messages queued for streams the relay does not read yet went over the
+        connection's budget (or the process's): that stream is reset, ENHANCE_YOUR_CALM."""
+        where = "on this connection" if per_connection else "in this process"
+        limit = self.unread_max if per_connection else _h2.UNREAD_PROCESS_MAX
+        why = f"requests held for streams not read yet exceed {limit} bytes {where}"
+        HOSTILE.note("unread_requests", self.who(), f"stream {stream.id} reset: {why}")
+        self.count_reply()
+        self.reset(stream, ENHANCE_YOUR_CALM)
+        self.stream_lost(stream, StreamError(Status(Code.RESOURCE_EXHAUSTED, why)))
 
     def forget(self, stream: _Stream) -> None:
         stream.closed = True
         self.streams.pop(stream.id, None)
+        self.release_stream(stream)
+
+    def who(self) -> str:
+        """The peer, for a log line."""
+        return "istiod"
 
     def goaway(self, code: int, why: str = "") -> None:
         if self.goaway_sent or self.closed:
@@ -392,6 +477,8 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
     def abort(self, code: int, why: str) -> None:
         """A connection error: GOAWAY with ``code`` and close."""
         _log.debug("HTTP/2 connection error %d: %s", code, why)
+        if code == ENHANCE_YOUR_CALM and not self.goaway_sent and not self.closed:
+            HOSTILE.note(_hostile_kind(why), self.who(), why)
         self.goaway(code, why)
         self.close(f"protocol error: {why}")
 
@@ -400,9 +487,17 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
             self.close_reason = why
         self.flush()  # what this connection holds goes out before it closes
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            self.transport.close()  # reads stop; what was written is flushed, then closed
+            if self._close_timer is None and not self.closed:
+                self._close_timer = self.loop.call_later(CLOSE_GRACE, self._close_overdue)
         elif self.transport is None:
             self.connection_lost(None)
+
+    def _close_overdue(self) -> None:
+        """A closed connection whose peer does not read what was left: drop it."""
+        self._close_timer = None
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     # keepalive, as Istio's (30 s idle -> PING, 10 s for its ACK)
 
@@ -462,6 +557,8 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
             self.header_block += view[start:end]
             if len(self.header_block) > MAX_HEADER_BLOCK:
                 raise H2ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+            if start == end and not flags & END_HEADERS:
+                self.charge("empty CONTINUATION frames")
             if flags & END_HEADERS:
                 block, self.header_block = self.header_block, None
                 self._headers_done(sid, block)
@@ -478,8 +575,14 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
                 if self._ping_deadline is not None:
                     self._ping_deadline.cancel()
                     self._ping_deadline = None
+                else:
+                    self.charge("PING frames")  # an ACK for no PING of ours
             else:
-                self.write(_header(8, PING, ACK, 0) + bytes(view[start:end]))
+                if self.sent_data:  # one PING per write of ours is free (gRPC's BDP probes)
+                    self.sent_data = False
+                else:
+                    self.charge("PING frames")
+                self.reply(_header(8, PING, ACK, 0) + bytes(view[start:end]))
         elif ftype == RST_STREAM:
             if sid == 0:
                 raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
@@ -503,9 +606,11 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
                 raise H2ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if length != 5:
                 raise H2ConnectionError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
+            self.charge("PRIORITY frames")
         elif ftype == PUSH_PROMISE:
             raise H2ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
-        # unknown frame types are ignored (RFC 9113 section 4.1)
+        else:  # unknown frame types are ignored (RFC 9113 section 4.1), within the budget
+            self.charge("frames of unknown type")
 
     def check_not_idle(self, sid: int, what: str) -> None:
         own = (sid % 2 == 1) == self.client
@@ -526,6 +631,8 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
             if flow < 1 or view[start] >= flow:
                 raise H2ConnectionError(PROTOCOL_ERROR, "padding longer than DATA")
             pad = view[start]
+            if flow == 1 + pad and not flags & END_STREAM:  # nothing but padding
+                self.charge("empty DATA frames")
         self.data_start(flags, sid, flow)
         self.data_left = 0
         stream = self.data_stream
@@ -545,6 +652,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
     def on_settings(self, view: memoryview, flags: int, sid: int, start: int, end: int) -> None:
         if sid != 0:
             raise H2ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        self.charge("SETTINGS frames")
         length = end - start
         if flags & ACK:
             if length:
@@ -574,7 +682,7 @@ class _Connection(_h2.ConnCore, asyncio.BufferedProtocol):
                     raise H2ConnectionError(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
             elif key == S_HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = min(value, 4096)
-        self.write(_header(0, SETTINGS, ACK, 0))
+        self.reply(_header(0, SETTINGS, ACK, 0))
         if not self.settings_seen:
             self.settings_seen = True
             if not self.ready.done():
@@ -677,6 +785,9 @@ class _ServerConnection(_Connection):
         else:
             self.peer = f"unix:{name or ''}"
 
+    def who(self) -> str:
+        return f"Envoy side, {self.peer}"
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.server.connections.discard(self)
@@ -690,6 +801,7 @@ class _ServerConnection(_Connection):
         stream = self.streams.get(sid)
         if stream is not None:  # trailers from Envoy: must end the stream
             if not end:
+                self.count_reply()
                 self.reset(stream, PROTOCOL_ERROR)
                 self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "bad trailers")))
                 return
@@ -701,10 +813,10 @@ class _ServerConnection(_Connection):
             raise H2ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
         self.last_peer_stream = sid
         if self.goaway_sent:
-            self.write(_h2.frame_u32(RST_STREAM, sid, REFUSED_STREAM))
+            self.reply(_h2.frame_u32(RST_STREAM, sid, REFUSED_STREAM))
             return
         if len(self.streams) >= self.server.settings.max_concurrent_streams:
-            self.write(_h2.frame_u32(RST_STREAM, sid, REFUSED_STREAM))
+            self.reply(_h2.frame_u32(RST_STREAM, sid, REFUSED_STREAM))
             return
         fields = dict(headers)
         method, path = fields.get(b":method"), fields.get(b":path", b"")
@@ -722,8 +834,10 @@ class _ServerConnection(_Connection):
         if end:
             stream.on_end()
         stream.task = self.loop.create_task(self._serve(stream, mode))
+        stream.task.add_done_callback(stream.handled)
 
     def _trailers_only(self, sid: int, status: Status, ended: bool) -> None:
+        self.count_reply()
         self.send_headers(sid, _trailers(status, with_status=True), True)
         if not ended:
             self.write(_h2.frame_u32(RST_STREAM, sid, NO_ERROR))
@@ -876,6 +990,7 @@ class _ClientConnection(_Connection):
         stream.on_end()
         stream.closed = True
         self.streams.pop(stream.id, None)
+        self.release_stream(stream)  # (what it holds is still read: credit is moot now)
 
     def on_end_stream(self, stream: _Stream) -> None:  # END_STREAM on DATA: no trailers
         self._end(stream, Status(Code.INTERNAL, "server closed the stream without trailers"))
@@ -941,7 +1056,7 @@ class _Upstream:
         stream = self._stream
         if stream.closed:
             if stream.error is not None:
-                raise stream.error
+                raise stream.failure()
             raise StreamError(stream.status or self._conn.lost_status())
         await stream.write_message(data)
 
@@ -962,6 +1077,7 @@ class _Upstream:
         if not conn.closed and not stream.closed:
             conn.reset(stream, CANCEL)
         conn.close("closed by the relay")
+        conn.stream = None  # (it and the stream refer to each other)
         if conn.transport is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(conn.lost), 1.0)
@@ -980,7 +1096,7 @@ class FastDialer:
             metadata = (*metadata, ("authorization", f"Bearer {token}"))
         loop = asyncio.get_running_loop()
         material = None if s.tls is None else load_tls(s.tls)  # read now: rotations apply
-        context = None if material is None else _ssl_context(material)
+        context = None if material is None else material.context  # checked, or DialError
         server_name = None if material is None else material.server_name
         conn: _ClientConnection | None = None
 
@@ -1023,6 +1139,10 @@ class FastDialer:
             if conn is not None:
                 conn.close("dial failed")
             raise DialError(f"cannot connect to {s.target}: {_why(exc, conn)}") from None
+        except asyncio.CancelledError:  # a newer Envoy stream replaced this one: no socket left
+            if conn is not None:
+                conn.close("dial cancelled")
+            raise
         assert conn is not None
         stream = _Stream(conn, 1, UNLIMITED)
         conn.stream = stream
@@ -1057,38 +1177,6 @@ def _why(exc: BaseException, conn: _Connection | None) -> str:
     if isinstance(exc, ConnectionError) and conn is not None:
         return f"socket closed during the handshake ({conn.close_reason})"
     return str(exc) or type(exc).__name__
-
-
-def _ssl_context(tls: TlsMaterial) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["h2"])
-    if tls.root_ca is None:
-        context.load_default_certs()
-    else:
-        try:
-            context.load_verify_locations(cadata=tls.root_ca.decode("ascii", "replace"))
-        except ssl.SSLError as exc:
-            raise DialError(f"istiod's root CA cannot be used: {exc.reason or exc}") from None
-    if tls.client_cert and tls.client_key:
-        _load_client_cert(context, tls.client_cert, tls.client_key)
-    return context
-
-
-def _load_client_cert(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
-    """``ssl`` reads certificates only from files: a private temp dir, removed at once."""
-    with tempfile.TemporaryDirectory(prefix="xdsfast-") as directory:
-        paths = []
-        for name, data in (("cert.pem", cert), ("key.pem", key)):
-            path = os.path.join(directory, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            paths.append(path)
-        try:
-            context.load_cert_chain(paths[0], paths[1])
-        except ssl.SSLError as exc:
-            raise DialError(f"the client certificate cannot be used: {exc.reason or exc}") from None
 
 
 __all__ = [

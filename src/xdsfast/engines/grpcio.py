@@ -30,6 +30,7 @@ from xdsfast.engines._sockets import prepare_socket_path
 from xdsfast.upstream import bearer_token, load_tls
 
 _TO_GRPC = {code.value[0]: code for code in grpc.StatusCode}
+_ENDED = "{} Envoy failed: the stream has ended"
 
 
 def _status(error: aio.AioRpcError) -> Status:
@@ -66,6 +67,8 @@ class _Downstream(_AsyncOnly):
             message = await self._context.read()
         except (aio.AioRpcError, grpc.RpcError, RuntimeError) as exc:
             raise StreamError(Status(Code.UNKNOWN, f"receive from Envoy failed: {exc}")) from exc
+        except aio.BaseError:  # grpc-core's own (e.g. the batch of a call Envoy reset)
+            raise StreamError(Status(Code.UNKNOWN, _ENDED.format("receive from"))) from None
         if message is aio.EOF:
             return None
         assert isinstance(message, bytes)
@@ -76,6 +79,8 @@ class _Downstream(_AsyncOnly):
             await self._context.write(data)
         except (aio.AioRpcError, grpc.RpcError, RuntimeError) as exc:
             raise StreamError(Status(Code.UNAVAILABLE, f"send to Envoy failed: {exc}")) from exc
+        except aio.BaseError:  # e.g. ExecuteBatchError: Envoy reset the stream mid-write
+            raise StreamError(Status(Code.UNAVAILABLE, _ENDED.format("send to"))) from None
 
 
 class GrpcioServer:
