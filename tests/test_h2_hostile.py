@@ -334,6 +334,9 @@ async def test_a_control_frame_flood_from_a_client_that_never_reads(
     # dropped (CLOSE_GRACE) with it; a client that reads gets it (the in-process tests).
     assert all(f[0] in (SETTINGS, PING, GOAWAY, WINDOW_UPDATE) for f in got)
     await serves_a_fresh_client(relay)
+    assert relay.status_port is not None
+    _, _, metrics = await http_get("127.0.0.1", relay.status_port, "/stats/prometheus")
+    assert b'xdsfast_hostile_peers_total{kind="control_flood"} 1\n' in metrics
     await relay.stop()
     assert relay.stderr.count(HOSTILE_LINE) == 1, relay.stderr.decode()[-2000:]
     assert f"flood of {WHAT[kind]}".encode() in relay.stderr

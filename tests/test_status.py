@@ -719,6 +719,8 @@ async def test_run_serves_prometheus_text(
     assert value(found, "istio_agent_xds_proxy_responses") == 1
     assert value(found, "xdsfast_core_info", implementation=wire.IMPLEMENTATION) == 1
     assert value(found, "xdsfast_xds_bytes_total", type_url=CLUSTER, direction="response") > 0
+    assert value(found, "xdsfast_status_connections_evicted_total") == 0
+    assert value(found, "xdsfast_status_connections_refused_total") == 0
     assert (await http_get("127.0.0.1", relay.status_port, "/healthz/ready"))[0] == 200
     assert await relay.stop() == 0
 

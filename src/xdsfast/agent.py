@@ -15,7 +15,7 @@ from xdsfast.dns.table import DnsTable
 from xdsfast.engines import Dialer, DialSettings, ServerSettings, StreamHandler
 from xdsfast.health import HealthChecker
 from xdsfast.intercept import Interceptor, NameTableInterceptor, ProxyConfigInterceptor
-from xdsfast.metrics import Metrics
+from xdsfast.metrics import Count, Metrics, Total
 from xdsfast.relay import Relay
 from xdsfast.status import StatusServer
 from xdsfast.wasm import build_rewriter
@@ -97,6 +97,38 @@ class Agent:
             metrics=self.metrics.exposition,
             ndsz=lambda: self.dns_table.table,
             xds=self.relay.debug_state,
+        )
+        self._expose_hostile()
+
+    def _expose_hostile(self) -> None:
+        """xdsfast's own counts of hostile local peers (Istio's agent has none): the fast
+        engine's HTTP/2 budgets (process-wide) and the status server's connection budget."""
+        register = self.metrics.register
+        if self.config.engine == "fast":
+            from xdsfast.engines import fast
+
+            peers = Count(
+                "xdsfast_hostile_peers_total",
+                "HTTP/2 connections or streams ended for spending a budget, by kind: "
+                "control_flood, unread_replies, unread_requests, header_limits.",
+                label="kind",
+            )
+            peers.by = fast.HOSTILE.counts  # the engine counts, the scrape reads
+            register(peers)
+        status = self.status
+        register(
+            Total(
+                "xdsfast_status_connections_evicted_total",
+                "Status server connections closed, while waiting for a request, to make room.",
+                lambda: status.evicted,
+            )
+        )
+        register(
+            Total(
+                "xdsfast_status_connections_refused_total",
+                "Status server connections refused (503): every connection held was busy.",
+                lambda: status.refused,
+            )
         )
 
     def readiness(self) -> str | None:
