@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from xdsfast import __version__, wire
+from xdsfast import __version__, dig, dnsreply, statusreport, wire
 from xdsfast.agent import Agent
+from xdsfast.agentclient import AgentError, parse_address
 from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, subscribe_all_and_ack
@@ -29,6 +30,7 @@ _SHORT = {
     "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS RouteConfiguration",
     NAME_TABLE: "NDS NameTable",
 }
+_DIG_NAME = "backend.default.svc.cluster.local"  # a host of mesh.sample_name_table()
 
 
 class StepFailed(Exception):
@@ -178,6 +180,65 @@ class Demo:
             f"{body.decode().strip()!r}",
         )
 
+    @property
+    def status_address(self) -> str:
+        assert self.agent is not None
+        return self.agent.status.address
+
+    @property
+    def dns_address(self) -> str:
+        assert self.agent is not None and self.agent.dns is not None
+        assert self.agent.dns.server is not None
+        host, port = self.agent.dns.server.addresses[0]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def look(self) -> None:
+        """What ``xdsfast status`` and ``xdsfast dig`` see of the demo's agent."""
+        endpoint = parse_address(self.status_address)
+        try:
+            snapshot = await asyncio.to_thread(statusreport.gather, endpoint, timeout=5.0)
+        except AgentError as exc:
+            raise StepFailed(f"xdsfast status: {exc}") from None
+        streams = snapshot["streams"]
+        rows = [row for stream in streams for row in stream["types"]]
+        acked = [row["type"] for row in rows if row["ack"] == "ACK"]
+        table = snapshot["name_table"] or {}
+        unacked = len(acked) != len(rows) or (self.envoy is not None and not rows)
+        if not snapshot["ready"] or unacked or not table.get("hosts"):
+            raise StepFailed(f"xdsfast status shows a problem:\n{statusreport.render(snapshot)}")
+        streams_seen = f"{'/'.join(acked)} ACKed" if rows else "no stream (the client is done)"
+        self.line(
+            "status",
+            f"http://{self.status_address}: ready, {streams_seen}, NameTable "
+            f"{table['hosts']} hosts, core {snapshot['core']}",
+        )
+        host, port = parse_address(self.dns_address)
+        name = _DIG_NAME
+        message = dig.query(name, dnsreply.TYPE_CODES["A"], dig.new_id())
+        try:
+            exchange = await asyncio.to_thread(dig.ask, host, port, message, tcp=False, timeout=5)
+        except dig.DigError as exc:
+            raise StepFailed(f"xdsfast dig: {exc}") from None
+        reply = dnsreply.decode(exchange.reply)
+        found = " ".join(r.data for r in reply.answer)
+        if dnsreply.source(reply) != dnsreply.FROM_TABLE or not found:
+            raise StepFailed(f"xdsfast dig {name}: not answered from the NameTable")
+        self.line("dig", f"{name} A -> {found} (from the NameTable, {exchange.server})")
+
+    def where_to_look(self) -> None:
+        """The addresses, and commands to paste, for a demo left running."""
+        status, dns = self.status_address, self.dns_address
+        self.out("look at it (in another terminal):")
+        for path in ("/debug/xds", "/debug/ndsz", "/stats/prometheus", "/healthz/ready"):
+            self.line("", f"http://{status}{path}")
+        self.line("", f"DNS proxy on {dns} (UDP and TCP)")
+        self.line("", f"xdsfast status --status-address {status}")
+        self.line("", f"xdsfast status --status-address {status} --watch")
+        self.line("", f"xdsfast dig {_DIG_NAME} --dns-address {dns}")
+        self.line("", f"xdsfast dig api.example.com AAAA --dns-address {dns}")
+        if self.envoy is not None:
+            self.line("", f"curl http://127.0.0.1:{self.listener_port}/")
+
 
 async def _get_until(
     port: int, done: Callable[[int, bytes], bool], timeout: float = 10.0
@@ -207,11 +268,10 @@ async def run_demo(*, check: bool, use_envoy: bool, delta: bool) -> int:
         await demo.start()
         await demo.connect()
         await demo.traffic()
+        await demo.look()
         if not check:
-            target = (
-                f"curl http://127.0.0.1:{demo.listener_port}/" if demo.envoy else "the ADS stream"
-            )
-            print(f"running; try {target}. Ctrl-C stops.")
+            demo.where_to_look()
+            print("running. Ctrl-C stops.", flush=True)
             await asyncio.Event().wait()
     except StepFailed as exc:
         print(f"  FAILED     {exc}")
