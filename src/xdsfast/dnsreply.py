@@ -28,8 +28,6 @@ from xdsfast.dns.wire import (
     CD,
     FORMERR,
     HEADER,
-    MAX_NAME,
-    MAX_POINTERS,
     NOERROR,
     NOTIMP,
     QR,
@@ -43,6 +41,7 @@ from xdsfast.dns.wire import (
     TYPE_OPT,
     WireError,
     header,
+    walk_name,
 )
 
 MAX_RECORDS = 1000  # records decoded and shown per reply; a 64 KiB reply could hold ~6000
@@ -139,38 +138,10 @@ class Reply(NamedTuple):
 def read_name(data: bytes, pos: int) -> tuple[str, int]:
     """(presentation form with dig's escapes, offset just past the name in place).
 
-    Raises WireError.  Bounded: at most MAX_POINTERS pointers, each strictly before
-    everything read so far, and at most MAX_NAME bytes of labels."""
-    labels: list[str] = []
-    end = 0
-    length = 1
-    hops = 0
-    floor = pos
-    size = len(data)
-    while True:
-        if pos >= size:
-            raise WireError("name runs past the end")
-        label = data[pos]
-        if label >= 0xC0:
-            if pos + 1 >= size:
-                raise WireError("compression pointer runs past the end")
-            target = ((label & 0x3F) << 8) | data[pos + 1]
-            hops += 1
-            if not HEADER <= target < floor or hops > MAX_POINTERS:
-                raise WireError("bad compression pointer")
-            if not end:
-                end = pos + 2
-            pos = floor = target
-            continue
-        if label == 0:
-            return (".".join(labels) + "." if labels else "."), end or pos + 1
-        if label >= 64:
-            raise WireError("invalid label type")
-        length += 1 + label
-        if length > MAX_NAME or pos + 1 + label > size:
-            raise WireError("name too long, or runs past the end")
-        labels.append(_escape(data[pos + 1 : pos + 1 + label]))
-        pos += 1 + label
+    Raises WireError.  Bounded as the agent bounds a query's names (``wire.walk_name``)."""
+    labels: list[bytes] = []
+    end = walk_name(data, pos, labels)
+    return (".".join(map(_escape, labels)) + "." if labels else "."), end
 
 
 def _escape(label: bytes) -> str:

@@ -119,15 +119,15 @@ def question_end(data: bytes) -> int:
     return end
 
 
-def name_end(data: bytes, pos: int) -> int:
-    """Offset just past the name at ``pos`` in place, after walking it whole.
+def walk_name(data: bytes, pos: int, labels: list[bytes] | None = None) -> int:
+    """Offset just past the name at ``pos`` in place, after walking it whole (its labels,
+    uncompressed, appended to ``labels`` when given).
 
     Compression pointers are followed, at most ``MAX_POINTERS`` of them, each to an
     offset after the header and before the start of everything read so far (where
     an encoder can only have written the suffix earlier), so no loop is possible;
     the labels met on the way may add up to ``MAX_NAME`` bytes.  A name thus costs
-    a few hundred steps at most, however the message is built.  Labels must be
-    UTF-8, as the proxy has always required of the names in a query.
+    a few hundred steps at most, however the message is built.
     """
     size = len(data)
     end = 0  # where the name stops in place: after its first pointer, or its root label
@@ -161,11 +161,22 @@ def name_end(data: bytes, pos: int) -> int:
         stop = pos + 1 + label
         if stop > size:
             raise WireError("label runs past the end")
-        try:
-            data[pos + 1 : stop].decode()
-        except UnicodeDecodeError:
-            raise WireError("label is not UTF-8") from None
+        if labels is not None:
+            labels.append(data[pos + 1 : stop])
         pos = stop
+
+
+def name_end(data: bytes, pos: int) -> int:
+    """``walk_name`` for a name in a query: its labels must be UTF-8, as the proxy has
+    always required of the names in a query."""
+    labels: list[bytes] = []
+    end = walk_name(data, pos, labels)
+    try:
+        for label in labels:
+            label.decode()
+    except UnicodeDecodeError:
+        raise WireError("label is not UTF-8") from None
+    return end
 
 
 def _check_options(data: bytes, start: int, end: int) -> None:
