@@ -21,7 +21,7 @@ else:
         [
             Extension(name, [f"src/xdsfast/{name[8:]}.pyx"], extra_compile_args=["-O3", "-g0"])
             # the peeker; the HTTP/2 engine's per-read path; the relay's per-message path
-            for name in ("xdsfast._core", "xdsfast._h2", "xdsfast._route")
+            for name in ("xdsfast._core", "xdsfast._h2", "xdsfast._route", "xdsfast._dnstable")
         ],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )

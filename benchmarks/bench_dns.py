@@ -14,8 +14,14 @@ everything in one run:
   namespaces (each gives 3 to 4 names and as many search-domain CNAMEs).
 * loop stall: the longest an event-loop timer fired late while a 20k table was built in
   the worker thread (what the relay would feel).
+* a 100k-host NameTable applied to a serving proxy, as the relay applies it (decode, ACK,
+  build in the worker, swap): time to the first answer from it, the longest wait of a UDP
+  query for an old name meanwhile (asked every 2 ms from another process), RSS growth.
+* dnsperf (``-c 4 -q 200``, random A questions for table names) against the proxy and
+  against dnsmasq serving the same names from a hosts file, one after the other, if
+  Debian's ``dnsperf`` and ``dnsmasq`` are installed.
 
-    python benchmarks/bench_dns.py [--count N]
+    python benchmarks/bench_dns.py [--count N] [--hosts N]
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +44,7 @@ import psutil
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from xdsfast import nds_pb2
+from xdsfast import intercept, nds_pb2
 from xdsfast.dns import table as table_module
 from xdsfast.dns.forward import Forwarder
 from xdsfast.dns.handler import Handler
@@ -84,12 +92,12 @@ def unknown_queries(n: int = 256) -> list[bytes]:
 # -- peer processes ---------------------------------------------------------------------------
 
 
-def _serve_dns(upstream_port: int) -> None:
+def _serve_dns(upstream_port: int, hosts: int = LOCAL_HOSTS) -> None:
     """The DNS server, alone in this process: prints its port, serves until stdin closes."""
 
     async def run() -> None:
         table = DnsTable(RULES)
-        table.update(name_table(LOCAL_HOSTS), "1")
+        table.update(name_table(hosts), "1")
         await table.wait_updates(1, timeout=120)
         metrics = DnsMetrics(CollectorRegistry())
         forwarder = Forwarder([("127.0.0.1", upstream_port)], metrics, timeout=2.0)
@@ -235,14 +243,14 @@ def loopback(count: int) -> dict[str, float]:
 
 
 def build_seconds(hosts: int, repeat: int = 3) -> tuple[float, int]:
-    """(best build time, answers) for a table of ``hosts`` services."""
+    """(best build time, names) for a table of ``hosts`` services."""
     table = name_table(hosts)
     best, answers = float("inf"), 0
     for _ in range(repeat):
         start = time.perf_counter()
         built = table_module.build(table, RULES)
         best = min(best, time.perf_counter() - start)
-        answers = len(built)
+        answers = built.names
     return best, answers
 
 
@@ -273,6 +281,153 @@ def loop_stall_during_build(hosts: int = 20000) -> tuple[float, float]:
         return table.build_seconds, worst
 
     return uvloop.run(run())
+
+
+_STALL_CLIENT = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(5)
+q = bytes.fromhex(sys.argv[2])
+worst = 0.0
+print("go", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    t = time.perf_counter(); s.send(q); s.recv(4096); worst = max(worst, time.perf_counter() - t)
+    time.sleep(0.002)
+print(worst, flush=True)
+"""
+
+
+def apply_big_table(hosts: int = 100_000) -> dict[str, float]:
+    """A ``hosts`` NameTable applied through the NameTable interceptor to a serving proxy
+    that has a tiny one: seconds to the first answer from it, the longest UDP wait of an
+    old name meanwhile, RSS growth (MiB), build seconds, decode seconds (on the loop)."""
+    big = name_table(hosts).SerializeToString()
+    tiny = name_table(10).SerializeToString()
+    proc = psutil.Process()
+
+    async def run() -> dict[str, float]:
+        table = DnsTable(RULES)
+        interceptor = intercept.NameTableInterceptor(table)
+        interceptor.apply(tiny, "0")
+        await table.wait_updates(1, 60)
+        metrics = DnsMetrics(CollectorRegistry())
+        server = DnsServer(Handler(table, metrics), Forwarder([], metrics))
+        await server.start(["127.0.0.1"], 0)
+        old = query("svc-00001.ns-01.svc.cluster.local.", 7)
+        last = hosts - 1
+        new = query(f"svc-{last:05d}.ns-{last % 50:02d}.svc.cluster.local.", 8)
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _STALL_CLIENT, str(server.port), old.hex(), "4",
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert client.stdout is not None
+        await client.stdout.readline()
+        await asyncio.sleep(0.3)
+        rss = proc.memory_info().rss
+        start = time.perf_counter()
+        interceptor.apply(big, "1")
+        decode = time.perf_counter() - start
+        while server.handler.fast(new) is None:
+            await asyncio.sleep(0.0005)
+        first = time.perf_counter() - start
+        await asyncio.sleep(0.3)
+        grown = proc.memory_info().rss - rss
+        worst = float((await client.stdout.readline()).decode())
+        await client.wait()
+        await server.stop()
+        table.close()
+        return {
+            "apply_s": first,
+            "stall_s": worst,
+            "rss_growth_mib": grown / 2**20,
+            "build_s": table.build_seconds,
+            "decode_s": decode,
+        }
+
+    return uvloop.run(run())
+
+
+def _dnsperf(port: int, names_file: str, seconds: int) -> float:
+    out = subprocess.run(
+        ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", names_file, "-c", "4",
+         "-q", "200", "-l", str(seconds)],
+        capture_output=True, text=True, timeout=seconds + 30, check=True,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        if "Queries per second" in line:
+            return float(line.split(":")[1])
+    raise RuntimeError(f"no rate in dnsperf's output: {out[-300:]}")
+
+
+def dnsperf_against_dnsmasq(hosts: int, seconds: int = 5) -> dict[str, float] | None:
+    """Queries/s (and the proxy's CPU µs per query) for dnsperf against the proxy, then
+    against dnsmasq with the same names in a hosts file; None without the tools."""
+    dnsmasq = shutil.which("dnsmasq") or (
+        "/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None
+    )
+    if shutil.which("dnsperf") is None or dnsmasq is None:
+        return None
+    import random
+
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = os.path.join(tmp, "queries")
+        with open(names, "w") as f:
+            for _ in range(50_000):
+                i = rng.randrange(hosts)
+                f.write(f"svc-{i:05d}.ns-{i % 50:02d}.svc.cluster.local A\n")
+        hosts_file = os.path.join(tmp, "hosts")
+        with open(hosts_file, "w") as f:
+            for i in range(hosts):
+                f.write(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255} "
+                        f"svc-{i:05d}.ns-{i % 50:02d}.svc.cluster.local\n")  # fmt: skip
+        result: dict[str, float] = {}
+        upstream, upstream_port = _spawn("--serve-upstream")
+        server, port = _spawn("--serve-dns", str(upstream_port), "--hosts", str(hosts))
+        try:
+            cpu = psutil.Process(server.pid)
+            before = sum(cpu.cpu_times()[:2])
+            result["xdsfast_qps"] = _dnsperf(port, names, seconds)
+            used = sum(cpu.cpu_times()[:2]) - before
+            result["xdsfast_cpu_us_per_query"] = used / (result["xdsfast_qps"] * seconds) * 1e6
+        finally:
+            assert server.stdin is not None
+            server.stdin.close()
+            server.wait(30)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"stop", ("127.0.0.1", upstream_port))
+            upstream.wait(10)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            masq_port = probe.getsockname()[1]
+        masq = subprocess.Popen(
+            [dnsmasq, "-k", "--no-resolv", "--no-hosts", f"--addn-hosts={hosts_file}",
+             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={masq_port}",
+             "--user=root", "--pid-file=", "--log-facility=/dev/null"],
+        )  # fmt: skip
+        try:
+            probe_query = query("svc-00001.ns-01.svc.cluster.local.", 1)
+            with _client(masq_port) as sock:
+                deadline = time.monotonic() + 60  # reads the hosts file first
+                while True:
+                    sock.send(probe_query)
+                    try:
+                        sock.recv(512)
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+            cpu = psutil.Process(masq.pid)
+            before = sum(cpu.cpu_times()[:2])
+            result["dnsmasq_qps"] = _dnsperf(masq_port, names, seconds)
+            used = sum(cpu.cpu_times()[:2]) - before
+            result["dnsmasq_cpu_us_per_query"] = used / (result["dnsmasq_qps"] * seconds) * 1e6
+        finally:
+            masq.terminate()
+            masq.wait(10)
+    return result
 
 
 # -- asv ------------------------------------------------------------------------------------------
@@ -334,11 +489,12 @@ class Loopback:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20000, help="latency samples (hits)")
+    parser.add_argument("--hosts", type=int, default=100_000, help="big-table hosts")
     parser.add_argument("--serve-dns", type=int, metavar="UPSTREAM_PORT", help=argparse.SUPPRESS)
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_dns:
-        _serve_dns(args.serve_dns)
+        _serve_dns(args.serve_dns, args.hosts if "--hosts" in sys.argv else LOCAL_HOSTS)
         return
     if args.serve_upstream:
         _serve_upstream()
@@ -361,12 +517,29 @@ def main() -> None:
     print("\ntable build (table.build, best of 3):")
     for hosts in (1000, 20000):
         seconds, answers = build_seconds(hosts)
-        print(f"  {hosts:>6} hosts: {seconds * 1000:8.1f} ms  ({answers:,} precomputed answers)")
+        print(f"  {hosts:>6} hosts: {seconds * 1000:8.1f} ms  ({answers:,} names)")
     seconds, stall = loop_stall_during_build()
     print(
         f"\n20k build in the worker thread: {seconds * 1000:.0f} ms; longest event-loop "
         f"timer delay meanwhile {stall * 1000:.1f} ms"
     )
+    big = apply_big_table(args.hosts)
+    print(
+        f"\n{args.hosts:,}-host NameTable applied to a serving proxy: first answer after "
+        f"{big['apply_s'] * 1000:.0f} ms (decode on the loop {big['decode_s'] * 1000:.0f} ms, "
+        f"build {big['build_s'] * 1000:.0f} ms); longest UDP wait for an old name "
+        f"{big['stall_s'] * 1000:.1f} ms; RSS +{big['rss_growth_mib']:.0f} MiB"
+    )
+    perf = dnsperf_against_dnsmasq(args.hosts)
+    if perf is None:
+        print("\ndnsperf: not run (needs Debian's dnsperf and dnsmasq-base)")
+    else:
+        print(
+            f"\ndnsperf -c 4 -q 200, {args.hosts:,} names: xdsfast {perf['xdsfast_qps']:,.0f} q/s "
+            f"({perf['xdsfast_cpu_us_per_query']:.1f} µs CPU/query), dnsmasq "
+            f"{perf['dnsmasq_qps']:,.0f} q/s ({perf['dnsmasq_cpu_us_per_query']:.1f} µs "
+            f"CPU/query): {perf['xdsfast_qps'] / perf['dnsmasq_qps']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The DNS proxy's pieces on their own: naming rules, precomputed answers, the table's
-build-and-swap, truncation, resolv.conf and the listen plan."""
+"""The DNS proxy's pieces on their own: naming rules, the compiled table's answers, the
+table's build-and-swap, truncation, resolv.conf and the listen plan."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from xdsfast.dns.forward import Forwarder
 from xdsfast.dns.handler import Handler
 from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.names import NameRules, build_lookup, entry_names
-from xdsfast.dns.table import A_IN, AAAA_IN, ROTATIONS, DnsTable, compile_answers
+from xdsfast.dns.table import A_IN, AAAA_IN, ROTATIONS, CompiledTable, DnsTable
 from xdsfast.dns.wire import TC, encode_name, truncate
 from xdsfast.metrics import Metrics
 
@@ -137,7 +137,13 @@ def test_answers_cover_every_name_and_both_families() -> None:
         }).table,
         RULES,
     )  # fmt: skip
-    answers = compile_answers(lookup)
+    answers = table_module.build(
+        table_of({
+            "backend.default.svc.cluster.local": k8s("backend", "default", "10.0.0.1"),
+            ("x" * 64) + ".example": Info(ips=["10.0.0.2"], registry="External"),
+        }),
+        RULES,
+    )  # fmt: skip
     bad = ("x" * 64) + ".example."  # a label over 63 bytes is no DNS name
     names = set(lookup.addresses) | {n for n, target in lookup.cnames.items() if target != bad}
     names.discard(bad)
@@ -156,10 +162,10 @@ def test_round_robin_rotations() -> None:
         }),
         RULES,
     )  # fmt: skip
-    three = table_module.sections(answers[b"\x05three\x07example\x00" + A_IN])
-    assert len(set(three)) == 3
-    twenty = table_module.sections(answers[b"\x04many\x07example\x00" + A_IN])
-    assert len(set(twenty)) == ROTATIONS
+    three = answers.sections(b"\x05three\x07example\x00", 1)
+    assert three is not None and len(set(three)) == 3
+    twenty = answers.sections(b"\x04many\x07example\x00", 1)
+    assert twenty is not None and len(set(twenty)) == ROTATIONS
     firsts = {section[12:16] for section in twenty}  # the first record's address
     assert len(firsts) == ROTATIONS
 
@@ -182,8 +188,9 @@ async def test_tables_arriving_during_a_build_are_coalesced(
     gate = threading.Event()
     real = table_module.build
 
-    def slow_build(table: nds_pb2.NameTable, rules: NameRules) -> table_module.Answers:
+    def slow_build(table: nds_pb2.NameTable | bytes, rules: NameRules) -> CompiledTable:
         gate.wait(30)
+        assert isinstance(table, nds_pb2.NameTable)
         built.append(next(iter(table.table)))
         return real(table, rules)
 
@@ -211,7 +218,7 @@ async def test_a_failing_build_keeps_the_previous_answers(
     await t.wait_updates(1)
     before = t.answers
 
-    def broken(*args: Any) -> table_module.Answers:
+    def broken(*args: Any) -> CompiledTable:
         raise RuntimeError("bug")
 
     monkeypatch.setattr(table_module, "build", broken)
@@ -233,10 +240,27 @@ async def test_configure_rebuilds_with_the_new_search_domain() -> None:
     t.close()
 
 
+def test_table_gauges_report_the_served_table() -> None:
+    """hosts, names and bytes of the compiled table, read when scraped; zeros before one."""
+    from xdsfast.dns.metrics import register_table_gauges
+
+    metrics = Metrics()
+    t = DnsTable(RULES)
+    register_table_gauges(metrics, t.stats)
+    assert metrics.sample("xdsfast_dns_table_names", None) == 0
+    t.update(table_of({"backend.default.svc.cluster.local": k8s("backend", "default",
+                                                                "10.0.0.1")}), "1")  # fmt: skip
+    assert t.answers is not None
+    assert metrics.sample("xdsfast_dns_table_hosts", None) == 1
+    assert metrics.sample("xdsfast_dns_table_names", None) == t.answers.names == 6
+    assert metrics.sample("xdsfast_dns_table_bytes", None) == t.answers.nbytes > 0
+    assert b"# TYPE xdsfast_dns_table_bytes gauge" in metrics.exposition()
+
+
 # -- the handler, straight on bytes -------------------------------------------------------------
 
 
-def test_fast_path_reply_is_the_precomputed_bytes() -> None:
+def test_fast_path_reply() -> None:
     t = DnsTable(RULES)
     t.update(table_of({"a.example": Info(ips=["10.0.0.1"], registry="External")}), "1")
     h = Handler(t, DnsMetrics(Metrics()))

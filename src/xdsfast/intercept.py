@@ -113,7 +113,7 @@ class NameTableInterceptor:
             name_table = NameTable.FromString(value)
         except DecodeError as exc:
             raise ValueError(f"cannot decode NameTable: {exc}") from exc
-        self.table.update(name_table, version)
+        self.table.update(name_table, version, value)
 
 
 PROXY_CONFIG = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"

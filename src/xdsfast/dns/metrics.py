@@ -7,9 +7,42 @@ increment, no lock) and read when scraped; Istio's DNS counters end in
 
 from __future__ import annotations
 
-from xdsfast.metrics import PREFIX, Count, Histogram, Registry, Total
+from collections.abc import Callable
+
+from xdsfast.metrics import PREFIX, Count, Histogram, Labels, Registry, Total
 
 UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)  # Istio's
+
+
+class ReadGauge:
+    """A gauge whose value is read from its owner when scraped."""
+
+    __slots__ = ("doc", "name", "read")
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.read = read
+
+    def sample(self, name: str, labels: Labels | None) -> float | None:
+        return float(self.read()) if name == self.name and not labels else None
+
+    def text(self) -> str:
+        n = self.name
+        return f"# HELP {n} {self.doc}\n# TYPE {n} gauge\n{n} {float(self.read())}\n"
+
+
+def register_table_gauges(registry: Registry, stats: Callable[[], tuple[int, int, int]]) -> None:
+    """``xdsfast_dns_table_{hosts,names,bytes}`` (xdsfast's own) from ``stats()``: the
+    compiled name table served now (``DnsTable.stats``)."""
+    for index, what, doc in (
+        (0, "hosts", "NameTable entries in the DNS name table served now."),
+        (1, "names", "Names the DNS name table answers (A and AAAA each), CNAMEs included."),
+        (2, "bytes", "Memory held by the DNS name table served now (buffers and index)."),
+    ):
+        registry.register(
+            ReadGauge(f"xdsfast_dns_table_{what}", doc, lambda i=index: stats()[i])  # type: ignore[misc]
+        )
 
 
 class DnsMetrics:

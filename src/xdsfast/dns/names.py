@@ -15,9 +15,16 @@ not already ending in ``S.``, a CNAME ``h + S.`` -> ``h`` (unless that name is
 one of the entry's own names), which is how ``curl backend`` still hits the
 table when the resolver appended the search domain first.
 
-Names are lowercased.  When two entries claim the same name, an entry's own
+Names are lowercased (ASCII only: a name with any other character is no DNS
+name and never answers).  A name ending in ``..`` stands for the name with one
+dot less (``alt_hosts`` entry ``x.`` is ``x.``, as Istio's ``dns.Fqdn``), so each
+DNS name has one spelling.  When two entries claim the same name, an entry's own
 hostname wins over a derived name, and otherwise the entry whose hostname
-sorts first wins; a name with addresses never becomes a CNAME.
+sorts first wins; a name with addresses never becomes a CNAME, and the root
+name ``.`` (an empty hostname) gets no search-domain CNAME.
+
+``xdsfast._dnstable`` compiles the same rules straight from the NameTable's
+wire bytes; this module is the reference its pure-Python twin is built on.
 """
 
 from __future__ import annotations
@@ -102,7 +109,7 @@ def entry_names(hostname: str, info: NameInfo, rules: NameRules) -> list[str]:
     """The names (lowercase, trailing dot) one NameTable entry answers to; own name first."""
     if info.registry != KUBERNETES:
         name = hostname if hostname.endswith(".") else hostname + "."
-        return [name.lower()]
+        return [canonical(name)]
     if hostname.endswith("."):
         return []
     names = [hostname + "."]
@@ -117,8 +124,18 @@ def entry_names(hostname: str, info: NameInfo, rules: NameRules) -> list[str]:
         names.extend(alt + "." for alt in info.alt_hosts)
     seen: dict[str, None] = {}
     for name in names:
-        seen.setdefault(name.lower())
+        seen.setdefault(canonical(name))
     return list(seen)
+
+
+def canonical(name: str) -> str:
+    """``name`` lowercased (if ASCII; else left as is: never a DNS name), with a
+    trailing ``..`` made ``.``: the one spelling of its DNS name."""
+    if name.isascii():
+        name = name.lower()
+    if len(name) > 2 and name.endswith(".."):
+        name = name[:-1]
+    return name
 
 
 def build_lookup(table: Mapping[str, NameInfo], rules: NameRules) -> Lookup:
@@ -149,7 +166,7 @@ def build_lookup(table: Mapping[str, NameInfo], rules: NameRules) -> Lookup:
         for names, _ in entries:
             own = set(names)
             for name in names:
-                if name.endswith(suffix):
+                if name == "." or name.endswith(suffix):
                     continue
                 expanded = name + suffix
                 if expanded in own or expanded in lookup.addresses:

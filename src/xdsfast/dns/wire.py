@@ -72,7 +72,7 @@ class NameEncoder:
             return wire
         head, dot, rest = name.partition(".")
         tail: bytes | None = None  # None: not fully qualified, or a bad label below
-        if dot:
+        if dot and rest != ".":  # "a.." has an empty label: no name
             tail = self.encode(rest) if rest else b"\x00"
         wire = None
         if tail is not None and 0 < len(head) < 64 and head.isascii():
