@@ -77,8 +77,11 @@ def reference_answers(lookup: Lookup) -> dict[bytes, list[bytes]]:
         found: Addresses = lookup.addresses[target]
         cname = _POINTER + _RR.pack(TYPE_CNAME, CLASS_IN, TTL, len(target_wire)) + target_wire
         for qtype, rtype, family in ((A_IN, TYPE_A, found.v4), (AAAA_IN, TYPE_AAAA, found.v6)):
+            # The records' owner: a pointer to the CNAME's target (after the header, the
+            # question and the CNAME record's own pointer and fixed fields).
+            owner = struct.pack("!H", 0xC000 | (12 + len(wire) + 4 + 12))
             answers[wire + qtype] = (
-                _orders([cname], _records(target_wire, rtype, family)) if family else [b""]
+                _orders([cname], _records(owner, rtype, family)) if family else [b""]
             )
     return answers
 

@@ -782,10 +782,9 @@ cdef class CompiledTable:
             a = (<AddrSet*>self.sets.p) + r.ref
         n = a.n6 if aaaa else a.n4
         addrs = self.addrs.p + a.off + (a.n4 * 4 if aaaa else 0)
-        owner = 2
+        owner = 2  # a pointer: to the question's name, or to the CNAME record's target
         if n and t != NULL:
-            owner = t.len + 1
-            prefix = 12 + owner
+            prefix = 12 + t.len + 1
         if n:
             size = owner + 10 + alen
             if prefix + n * size > C_MAX_SECTION:
@@ -824,15 +823,15 @@ cdef class CompiledTable:
             o[pos + 8] = 0
             o[pos + 9] = TTL
             o[pos + 10] = 0
-            o[pos + 11] = <uint8_t>owner
+            o[pos + 11] = <uint8_t>(t.len + 1)
             memcpy(o + pos + 12, self.wires.p + t.off, t.len)
             o[pos + 12 + t.len] = 0
             pos += prefix
         for k in range(n):
             idx = (start + k) % n
-            if t != NULL:
-                memcpy(o + pos, self.wires.p + t.off, t.len)
-                o[pos + t.len] = 0
+            if t != NULL:  # the target, where the CNAME record spells it (qend + 12)
+                o[pos] = <uint8_t>(0xC0 | ((qend + 12) >> 8))
+                o[pos + 1] = <uint8_t>((qend + 12) & 0xFF)
             else:
                 o[pos] = 0xC0
                 o[pos + 1] = 0x0C
@@ -958,10 +957,9 @@ cdef class CompiledTable:
         cdef AddrSet* a = (<AddrSet*>self.sets.p) + (t.ref if r.cname else r.ref)
         cdef size_t n = a.n6 if aaaa else a.n4
         cdef size_t prefix = 0
-        cdef size_t owner = 2
+        cdef size_t owner = 2  # a pointer, as in ``compose``
         if n and t != NULL:
-            owner = t.len + 1
-            prefix = 12 + owner
+            prefix = 12 + t.len + 1
         if n and prefix + n * (owner + 10 + (16 if aaaa else 4)) > C_MAX_SECTION:
             n = (C_MAX_SECTION - prefix) // (owner + 10 + (16 if aaaa else 4))
         return 1 if n <= 1 else (n if n < C_ROTATIONS else C_ROTATIONS)

@@ -303,6 +303,7 @@ class Session(route.RouteCore):
                 ending = await self._after_half_close(upstream, tasks[2])
         except asyncio.CancelledError:  # Envoy went away: the engine cancels the handler
             self.metrics.envoy_connection_terminations.inc_label("cancelled")
+            self.metrics.istiod_connection_terminations.inc_label("cancelled")  # as Istio's
             say.info("Envoy stream cancelled", **fields)
             raise
         finally:
@@ -377,6 +378,8 @@ class Session(route.RouteCore):
             return status
         if ending.side == "downstream":
             self.metrics.envoy_connection_terminations.inc_label(kind)
+            # As Istio's agent: the istiod stream it cancels in turn ends "cancelled" too.
+            self.metrics.istiod_connection_terminations.inc_label("cancelled")
             say.log(level, "Envoy ended the stream: %s", status, **fields)
             return status
         if ending.side == "replaced":
