@@ -14,7 +14,12 @@ from xdsfast.config import Config
 from xdsfast.dns.table import DnsTable
 from xdsfast.engines import Dialer, DialSettings, ServerSettings, StreamHandler
 from xdsfast.health import HealthChecker
-from xdsfast.intercept import Interceptor, NameTableInterceptor, ProxyConfigInterceptor
+from xdsfast.intercept import (
+    Interceptor,
+    NameTableInterceptor,
+    ProxyConfigInterceptor,
+    dns_node_metadata,
+)
 from xdsfast.metrics import Count, Metrics, Total
 from xdsfast.relay import Relay
 from xdsfast.status import StatusServer
@@ -144,6 +149,8 @@ class Agent:
         c = self.config
         if self.dns is not None:  # first, as Istio: a DNS failure aborts start-up
             await self.dns.start()
+            if c.node_dns_capture and self.dns.server is not None:  # the node says so to istiod
+                self.relay.set_node_metadata(dns_node_metadata(c.dns_address, self.dns.server.port))
         try:
             await self.server.start(c.xds_socket, c.xds_listen)
         except BaseException:

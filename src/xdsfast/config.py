@@ -65,6 +65,9 @@ class Config:
     # XDSFAST_DNS_FORWARD_REMOTE: forward for non-loopback clients too (else REFUSED)
     dns_forward_remote: bool = False
     dns_forward_timeout: float = 5.0  # DNS_FORWARD_TIMEOUT, per upstream server
+    # XDSFAST_NODE_DNS_CAPTURE: with DNS on, the node of each stream's first request gets
+    # DNS_CAPTURE and DNS_PROXY_ADDR (pilot-agent's DNS, which would set them, is off)
+    node_dns_capture: bool = True
     pod_namespace: str = ""  # POD_NAMESPACE
     domain: str = ""  # --domain; empty means <pod_namespace>.svc.cluster.local
     status_address: str = DEFAULT_STATUS_ADDRESS
@@ -152,6 +155,8 @@ class Config:
             dns_forward_parallel=_bool(env, "DNS_FORWARD_PARALLEL"),
             dns_forward_remote=_bool(env, "XDSFAST_DNS_FORWARD_REMOTE"),
             dns_forward_timeout=_duration(env, "DNS_FORWARD_TIMEOUT", 5.0),
+            node_dns_capture=env.get("XDSFAST_NODE_DNS_CAPTURE", "") == ""
+            or _bool(env, "XDSFAST_NODE_DNS_CAPTURE"),
             pod_namespace=pod_namespace,
             domain=_first(flags.get("domain"), None, f"{pod_namespace}.svc.cluster.local"),
             status_address=status_address,

@@ -7,9 +7,10 @@ Only these responses are ever decoded; everything else stays opaque bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from xdsfast import xds_pb2
@@ -182,3 +183,43 @@ def consume(
         error = str(exc)
         return acknowledge(mode, interceptor.type_url, version, nonce, error), error
     return acknowledge(mode, interceptor.type_url, version, nonce, None), None
+
+
+# The node's field in each request (DiscoveryRequest.node = 2, DeltaDiscoveryRequest.node = 1),
+# and the metadata Struct's field in envoy.config.core.v3.Node.
+_NODE_FIELD = {Mode.SOTW: 2, Mode.DELTA: 1}
+_NODE_METADATA_FIELD = 3
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def dns_node_metadata(dns_address: str, port: int) -> dict[str, str]:
+    """What pilot-agent's bootstrap puts in Envoy's node when its DNS proxy is on: istiod
+    allocates ServiceEntry VIPs and points Envoy's dynamic forward proxy at this address only
+    for nodes that say so, and with xdsfast serving DNS, pilot-agent's own DNS is off."""
+    host = dns_address.rpartition(":")[0] or "localhost"
+    return {"DNS_CAPTURE": "true", "DNS_PROXY_ADDR": f"{host}:{port}"}
+
+
+def node_metadata_patch(mode: Mode, metadata: Mapping[str, str]) -> bytes:
+    """Bytes that, appended to a request carrying a node, set ``metadata`` in that node.
+
+    Protobuf parsing merges repeated occurrences of a message field and keeps the last
+    entry of a map key, so ``request + patch`` parses as the request whose node metadata
+    has these keys replaced and everything else as it was: the request's own bytes are
+    never decoded or re-encoded (as a full decode and re-encode would, reordering fields)."""
+    struct = struct_pb2.Struct()
+    struct.update(dict(metadata))
+    node = _length_delimited(_NODE_METADATA_FIELD, struct.SerializeToString())
+    return _length_delimited(_NODE_FIELD[mode], node)

@@ -10,8 +10,9 @@ flight), memory does not grow.
 
 Where the engine offers it, a sink per direction takes each message inside the
 read callback that completed it, and writes it on at once when nothing is queued
-before it and nothing would wait; anything else (the first LDS request, consumed
-or rewritten types, a full window) takes the pumps' path above, in order.
+before it and nothing would wait; anything else (the first request when its node
+gets xdsfast's DNS metadata, the first LDS request, consumed or rewritten types, a full
+window) takes the pumps' path above, in order.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +187,17 @@ class Relay:
         # newer stream cancels (so a flood of Envoy streams cannot open a socket each).
         self.dialing = asyncio.Lock()
         self.say = log.Throttle(_log, _REPEAT_INTERVAL)
+        # Appended to the first request of each stream when it carries a node (per flavour).
+        self.node_patch: dict[Mode, bytes] = {}
+
+    def set_node_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Set these keys in the node of each stream's first request from now on (xdsfast's
+        DNS stands in for pilot-agent's, whose node metadata istiod reads)."""
+        self.node_patch = (
+            {mode: intercept.node_metadata_patch(mode, metadata) for mode in Mode}
+            if metadata
+            else {}
+        )
 
     def drain(self) -> None:
         """Shutting down: end the active stream with OK (Envoy reconnects), take no new ones."""
@@ -243,6 +255,8 @@ class Session(route.RouteCore):
         self._replaced = asyncio.Event()
         self._replaced_why = ""
         self.started = time.time()
+        # Until the first request has gone: what its node gets (None: the sink may take it).
+        self._node_patch = relay.node_patch.get(mode)
 
     def _state(self, type_url: str) -> _TypeState:
         state = self.types[type_url] = _TypeState(self.metrics.xds_bytes.of(type_url))
@@ -287,7 +301,8 @@ class Session(route.RouteCore):
         say.info("connected to istiod", **fields)
         self.upstream = upstream
         if not _log.isEnabledFor(logging.DEBUG):  # else every message is logged by the pumps
-            self.downstream.set_sink(self._request_sink)
+            if self._node_patch is None:  # else _from_envoy sets it after the first request
+                self.downstream.set_sink(self._request_sink)
             upstream.set_sink(self._response_sink)
         tasks = [
             asyncio.ensure_future(self._from_envoy()),
@@ -418,7 +433,10 @@ class Session(route.RouteCore):
             if debug:
                 _log.debug("request for %s", request.type_url, extra=log.fields(id=self.id))
             self._note_request(data, request)
-            self._to_istiod_now(data)
+            if self._node_patch is not None:
+                self._first_request(data, request, debug)
+            else:
+                self._to_istiod_now(data)
             if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
                 self.initial_requests_sent = True
                 for type_url in self.relay.interceptors:
@@ -426,6 +444,14 @@ class Session(route.RouteCore):
                 cached_health = self.relay.health.get(self.mode)
                 if cached_health is not None:
                     self._to_istiod_now(cached_health)
+
+    def _first_request(self, data: bytes, request: Any, debug: bool) -> None:
+        """The stream's first request: its node, if it has one, gets the node metadata
+        (appended, see ``intercept.node_metadata_patch``); later ones may take the sink."""
+        patch, self._node_patch = self._node_patch, None
+        self._to_istiod_now(data + patch if request.has_node and patch else data)
+        if not debug and self.upstream is not None:
+            self.downstream.set_sink(self._request_sink)
 
     async def _to_istiod(self, upstream: Upstream) -> Ending:
         get = self.requests.get
