@@ -627,7 +627,7 @@ async def test_relay_does_not_wait_for_the_table_build(
     release = threading.Event()
     real_build = table_module.build
 
-    def blocked_build(*args: Any) -> table_module.Answers:
+    def blocked_build(*args: Any) -> Any:
         release.wait(30)
         return real_build(*args)
 
