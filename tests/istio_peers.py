@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 from envoy.config.core.v3 import base_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from pki import Authority
 from support import free_port
 
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.envoy import _die_with_parent
+from xdsfast.demo.envoy import EnvoyProcess, _die_with_parent, _xds_cluster, bootstrap
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "scripts" / "build-istio-peers"
@@ -489,3 +489,61 @@ def istio_node(
         cluster=f"{pod}.{namespace}",
         metadata=metadata,
     )
+
+
+# -- a real Envoy with an Istio sidecar's node -------------------------------------------
+
+
+class IstioEnvoy(EnvoyProcess):
+    """A real Envoy whose bootstrap carries ``node`` (e.g. from :func:`istio_node`) as
+    Istio's injector and bootstrap set it, and a static ``sds-grpc`` cluster as Istio's
+    bootstrap has one (nothing serves it: the tests' config is plaintext)."""
+
+    def __init__(
+        self, xds_address: str, *, delta: bool, workdir: Path, node: base_pb2.Node
+    ) -> None:
+        super().__init__(
+            xds_address, delta=delta, workdir=workdir, node_id=node.id, cluster=node.cluster
+        )
+        self.node = node
+
+    def write_bootstrap(self) -> None:
+        """The demo's sidecar bootstrap, with this node and an ``sds-grpc`` cluster."""
+        config = bootstrap(
+            self.xds_address, delta=self.delta, node_id=self.node.id, cluster=self.node.cluster
+        )
+        config["node"] = json_format.MessageToDict(self.node)
+        static = config["static_resources"]
+        assert isinstance(static, dict)
+        pipe: dict[str, object] = {"pipe": {"path": str(self.workdir / "sds-socket")}}
+        sds = _xds_cluster(pipe)
+        sds["name"] = "sds-grpc"
+        sds["load_assignment"] = {
+            "cluster_name": "sds-grpc",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": pipe}}]}],
+        }
+        static["clusters"].append(sds)
+        self.bootstrap_path.write_text(json.dumps(config, indent=2))
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._admin_path.unlink(missing_ok=True)
+        self.write_bootstrap()
+        command = self.command()
+        with open(self.log_path, "ab") as log_file:
+            self._proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                preexec_fn=None if command[0].endswith("setpriv") else _die_with_parent,
+            )
+        await self._wait_admin_port(10.0)
+
+    async def rejected(self) -> dict[str, int]:
+        """Envoy's ``*.update_rejected`` counters (NACKs) that are not zero."""
+        return {
+            name: value
+            for name, value in (await self.stats()).items()
+            if name.endswith(".update_rejected") and value
+        }
