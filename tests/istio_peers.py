@@ -62,6 +62,11 @@ class Peers:
     def pilot_agent(self) -> Path:
         return self.directory / "pilot-agent"
 
+    @property
+    def inject_render(self) -> Path:
+        """Istio's sidecar injector on one pod (``interop/cmd/inject-render``)."""
+        return self.directory / "inject-render"
+
 
 _built: Peers | str | None = None  # the peers, or why they could not be built
 
