@@ -29,6 +29,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -724,6 +725,130 @@ async def run_forwarder(upstream: str, socket_path: str) -> None:
         )
     finally:
         server.close()
+
+
+# ----- the stock pilot-agent (Istio's own relay) ---------------------------------------
+
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build-istio-peers"
+AGENT_XDS_SOCKET = Path("etc/istio/proxy/XDS")  # relative to its working directory
+AGENT_CLUSTER_ID = "Kubernetes"
+
+
+def istio_peers_dir(timeout: float = 2400.0) -> Path:
+    """The directory of Istio's binaries from ``scripts/build-istio-peers`` (its last stdout
+    line; cached, so instant once built).  RuntimeError, with the script's own last error
+    line (e.g. "no Go toolchain"), when it cannot build them."""
+    try:
+        done = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"{BUILD_SCRIPT.name}: {exc}") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        errors = [line for line in done.stderr.splitlines() if line.strip()]
+        why = errors[-1] if errors else "no output"
+        raise RuntimeError(f"{BUILD_SCRIPT.name} failed (exit {done.returncode}): {why}")
+    return Path(lines[-1])
+
+
+def pilot_agent_binary() -> Path:
+    binary = istio_peers_dir() / "pilot-agent"
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError(f"{BUILD_SCRIPT.name} built no {binary}")
+    return binary
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the agent's status port)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def pilot_agent_env(
+    workdir: Path,
+    discovery_address: str,
+    status_port: int,
+    *,
+    tls: dict[str, str] | None = None,
+    dns_address: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Prepare ``workdir`` and return the environment of a bare pilot-agent there.
+
+    ``DISABLE_ENVOY``: the xDS proxy alone (plus DNS with ``dns_address``), downstream on
+    ``workdir``/etc/istio/proxy/XDS (its paths are relative: run it with that cwd).  The
+    throw-away key pair in ./etc/certs (FILE_MOUNTED_CERTS) serves nothing; without
+    loadable files its secret cache logs a failure every few seconds.  Plaintext upstream
+    (``controlPlaneAuthPolicy`` NONE) unless ``tls`` gives ``root_ca`` and ``server_name``:
+    then it dials TLS trusting XDS_ROOT_CA and checking ISTIOD_SAN, with no client
+    certificate (the key pair's paths are not in its metadata).  DNS off unless
+    ``dns_address``: with it on, the agent asks for a NameTable after an LDS request."""
+    certs = workdir / "etc" / "certs"
+    key, chain = write_tls_files(certs)
+    (certs / "cert-chain.pem").write_bytes(chain)
+    key_path = certs / "key.pem"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key)
+    proxy_config = {
+        "discoveryAddress": discovery_address,
+        "controlPlaneAuthPolicy": "MUTUAL_TLS" if tls else "NONE",
+        "statusPort": status_port,
+    }
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(workdir),
+        "DISABLE_ENVOY": "true",
+        "FILE_MOUNTED_CERTS": "true",
+        "CLOUD_PLATFORM": "none",
+        "PROXY_CONFIG": json.dumps(proxy_config),
+        "POD_NAME": "bench",
+        "POD_NAMESPACE": "bench",
+        "INSTANCE_IP": "127.0.0.1",
+        "SERVICE_ACCOUNT": "default",
+        "ISTIO_META_CLUSTER_ID": AGENT_CLUSTER_ID,
+        "ISTIO_META_DNS_CAPTURE": "true" if dns_address else "false",
+    }
+    if dns_address:
+        env["DNS_PROXY_ADDR"] = dns_address
+    if tls:
+        env["XDS_ROOT_CA"] = tls["root_ca"]
+        env["ISTIOD_SAN"] = tls["server_name"]
+    env.update(extra or {})
+    return env
+
+
+def wait_pilot_agent(
+    workdir: Path, status_port: int, alive: Callable[[], bool], timeout: float = 30.0
+) -> None:
+    """Until the agent's XDS socket exists and its status port answers HTTP (any status:
+    /healthz/ready is 503 until a client connects).  RuntimeError on exit or deadline."""
+    import http.client
+
+    deadline = time.monotonic() + timeout
+    sock = workdir / AGENT_XDS_SOCKET
+    while True:
+        if not alive():
+            raise RuntimeError("pilot-agent exited while starting")
+        if sock.exists():
+            conn = http.client.HTTPConnection("127.0.0.1", status_port, timeout=1.0)
+            try:
+                conn.request("GET", "/healthz/ready")
+                conn.getresponse().read()
+                return
+            except OSError:
+                pass
+            finally:
+                conn.close()
+        if time.monotonic() > deadline:
+            state = "present" if sock.exists() else "missing"
+            raise RuntimeError(f"pilot-agent not up in {timeout:.0f}s (XDS socket {state})")
+        time.sleep(0.02)
 
 
 # ----- entry point --------------------------------------------------------------------

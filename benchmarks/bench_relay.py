@@ -6,6 +6,11 @@ across commits: they cancel the load of a shared machine.  ``fast-tls`` is the f
 dialing the control plane over TLS; its ratios and added latency are against ``direct-tls``
 (the client over TLS straight to the control plane), so they show the relay, not TLS.
 
+``RelayVsIstioAgent`` holds the fast engine against the stock pilot-agent (the relay it
+replaces; built by ``scripts/build-istio-peers``, skipped without Go): throughput, relay CPU
+per message and RSS as ratios to the agent's, the issue's targets being throughput >= 1.0,
+CPU <= 0.5 and RSS <= 1.0.
+
 The relay's memory for one ~20 MB push is in ``bench_relay_memory.py``.
 """
 
@@ -93,3 +98,66 @@ class RelaySideBySide:
     track_update_added_latency_p50.unit = "µs"  # type: ignore[attr-defined]
     track_storm_peak_rss.unit = "MiB"  # type: ignore[attr-defined]
     track_idle_rss.unit = "MiB"  # type: ignore[attr-defined]
+
+
+AGENT_WORKLOADS = ["storm", "small", "burst"]
+
+
+def _agent_summary(delta: bool) -> dict[str, dict[str, Any]]:
+    arrangements = ("direct", "xdsfast-fast", relay_bench.ISTIO_AGENT)
+    settings = relay_bench.Settings(
+        storm=10, small=1000, burst=5000, delta=delta, rounds=1, arrangements=arrangements
+    )
+    results = relay_bench.run_bench(settings)
+    return relay_bench.summarize(results, settings.arrangements)
+
+
+class RelayVsIstioAgent:
+    """The fast engine's figures over the stock pilot-agent's, from one run per ADS flavour:
+    above 1 the relay does more (throughput) or costs more (CPU, RSS) than Istio's agent."""
+
+    params: ClassVar = (["sotw", "delta"], AGENT_WORKLOADS)
+    param_names: ClassVar = ["mode", "workload"]
+    timeout = 900
+
+    def setup_cache(self) -> dict[str, Any]:
+        try:
+            relay_bench.peers_module().pilot_agent_binary()
+        except RuntimeError as exc:  # no Go toolchain: nothing to compare with
+            return {"skip": str(exc)}
+        return {"sotw": _agent_summary(False), "delta": _agent_summary(True)}
+
+    def setup(self, cache: dict[str, Any], mode: str, workload: str) -> None:
+        if "skip" in cache:
+            raise NotImplementedError(cache["skip"])
+
+    @staticmethod
+    def _versus(cache: dict[str, Any], mode: str) -> dict[str, Any]:
+        versus: dict[str, Any] = cache[mode]["xdsfast-fast"]["vs_agent"]
+        return versus
+
+    def track_throughput_vs_istio_agent(
+        self, cache: dict[str, Any], mode: str, workload: str
+    ) -> float:
+        return float(self._versus(cache, mode)[workload]["rate"])
+
+    def track_relay_cpu_vs_istio_agent(
+        self, cache: dict[str, Any], mode: str, workload: str
+    ) -> float:
+        return float(self._versus(cache, mode)[workload]["cpu"])
+
+    def track_peak_rss_vs_istio_agent(
+        self, cache: dict[str, Any], mode: str, workload: str
+    ) -> float:
+        return float(self._versus(cache, mode)[workload]["peak_rss"])
+
+    def track_idle_rss_vs_istio_agent(
+        self, cache: dict[str, Any], mode: str, workload: str
+    ) -> float:
+        """The same for every workload: RSS once serving, before any stream."""
+        return float(self._versus(cache, mode)["idle_rss"])
+
+    track_throughput_vs_istio_agent.unit = "ratio"  # type: ignore[attr-defined]
+    track_relay_cpu_vs_istio_agent.unit = "ratio"  # type: ignore[attr-defined]
+    track_peak_rss_vs_istio_agent.unit = "ratio"  # type: ignore[attr-defined]
+    track_idle_rss_vs_istio_agent.unit = "ratio"  # type: ignore[attr-defined]

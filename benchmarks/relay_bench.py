@@ -15,12 +15,19 @@ ratios against direct, which are what to read on a noisy shared machine:
 * ``socat``       (opt-in) Debian's socat copying bytes between the two sockets, in C
                   (one forked process per connection): the floor for any relay process
                   on the machine, whatever its language
+* ``istio-agent`` (opt-in) the stock ``pilot-agent`` (Go, built from the pinned Istio by
+                  ``scripts/build-istio-peers``) as a bare xDS proxy: ``DISABLE_ENVOY``,
+                  DNS off, plaintext upstream, downstream on its ./etc/istio/proxy/XDS
+                  socket: the relay xdsfast replaces.  The client's first request
+                  carries a sidecar-shaped node, which the agent forwards as is
 
 Opt-in (``--only``) TLS rows: the control plane also serves TLS (h2 ALPN) with a
 throw-away CA and server certificate made at run time, as istiod's port 15012:
 
 * ``xdsfast-fast-tls`` / ``xdsfast-tls``  ``xdsfast run`` (fast / grpcio engine) dialing
                   the control plane over TLS (XDS_ROOT_CA, ISTIOD_SAN; no client cert)
+* ``istio-agent-tls`` the stock pilot-agent dialing the control plane over TLS
+                  (XDS_ROOT_CA, ISTIOD_SAN; no client certificate)
 * ``direct-tls``  client -> control plane over TLS: the baseline of the relay TLS rows
                   when it runs (same number of TLS hops); without it they are
                   compared with plaintext ``direct``.  ``direct-tls`` itself is
@@ -44,6 +51,11 @@ Workloads (SotW, or delta with ``--delta``):
 * big push (opt-in, ``--big N``): N x ~20 MB CDS responses, each ACKed before the
   next; the relay's peak RSS over its RSS just before, which should track the
   largest in-flight message, not the push rate.
+
+With an ``istio-agent`` row in the run, a last table holds every other relay row against
+it (``istio-agent-tls`` for the relay TLS rows when it ran): throughput round by round,
+relay CPU per message, peak and idle RSS, as ratios (the issue's targets: throughput
+>= 1.0x, CPU <= 0.5x, RSS <= 1.0x).
 
 Control plane, client and relays are separate uvloop processes (``_relay_peers.py``),
 so the relay's cost is what the ratios show.  Relay CPU comes from psutil; peak RSS
@@ -84,8 +96,9 @@ from typing import IO, Any
 PEERS = Path(__file__).with_name("_relay_peers.py")
 ARRANGEMENTS = (
     "direct", "xdsfast", "xdsfast-fast", "xdsfast-py", "naive", "bare", "forwarder",
-    "direct-tls", "xdsfast-tls", "xdsfast-fast-tls", "socat",
+    "direct-tls", "xdsfast-tls", "xdsfast-fast-tls", "socat", "istio-agent", "istio-agent-tls",
 )  # fmt: skip
+ISTIO_AGENT = "istio-agent"  # the row the issue's targets are against
 DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
 WORKLOADS = ("storm", "small", "burst", "big")
 TLS_SUFFIX = "-tls"
@@ -123,6 +136,7 @@ class Child:
         *,
         env: dict[str, str] | None = None,
         events_from: str = "stdout",
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.logs = [log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"]
@@ -136,6 +150,7 @@ class Child:
             stdout=self._other if from_stderr else subprocess.PIPE,
             stderr=subprocess.PIPE if from_stderr else self._other,
             env=env,
+            cwd=cwd,
             start_new_session=True,
             text=True,
             bufsize=1,
@@ -413,6 +428,7 @@ class Bench:
         # TLS (when a -tls row runs): the address, the CA file and the name to check.
         self.tls_upstream = f"127.0.0.1:{ready['tls_port']}" if "tls_port" in ready else None
         self.tls: dict[str, str] = {k: ready[k] for k in ("root_ca", "server_name") if k in ready}
+        self.agent_runs = 0  # each pilot-agent start gets its own working dir
 
     def start(self, name: str) -> Relay:
         """Start one arrangement's relay and wait until it serves."""
@@ -423,6 +439,8 @@ class Bench:
             raise BenchError(f"{name}: the control plane serves no TLS port")
         if name == "direct-tls":
             return Relay(name, str(self.tls_upstream), tls=self.tls)
+        if name.startswith(ISTIO_AGENT):
+            return self.start_istio_agent(name, tls)
         sock = self.tmp / name / "XDS"
         sock.parent.mkdir(exist_ok=True)
         if name == "socat":
@@ -488,6 +506,32 @@ class Bench:
             )  # fmt: skip
             child.wait_line(lambda line: XDSFAST_READY in line, READY_TIMEOUT, XDSFAST_READY)
         return Relay(name, f"unix:{sock}", child, rss(child.pid), core)
+
+    def start_istio_agent(self, name: str, tls: bool) -> Relay:
+        """The stock pilot-agent in a fresh working dir (its paths are relative to it)."""
+        peers = peers_module()
+        try:
+            binary = peers.pilot_agent_binary()
+        except RuntimeError as exc:
+            raise BenchError(f"{name}: {exc}") from None
+        self.agent_runs += 1
+        workdir = self.tmp / f"{name}-{self.agent_runs}"
+        workdir.mkdir()
+        status_port = peers.free_port()
+        upstream = str(self.tls_upstream) if tls else self.upstream
+        env = peers.pilot_agent_env(
+            workdir, upstream, status_port, tls=self.tls if tls else None,
+            extra=self.s.relay_env,
+        )  # fmt: skip
+        child = self.children.start(name, [str(binary), "proxy", "sidecar"], env=env, cwd=workdir)
+        try:
+            peers.wait_pilot_agent(
+                workdir, status_port, lambda: child.proc.poll() is None, READY_TIMEOUT
+            )
+        except RuntimeError as exc:
+            raise child._fail(str(exc)) from None
+        sock = workdir / peers.AGENT_XDS_SOCKET
+        return Relay(name, f"unix:{sock}", child, rss(child.pid), "stock pilot-agent (Go)")
 
     def run(self, relay: Relay, workload: str, count: int) -> dict[str, Any]:
         """One workload through one arrangement: peer results plus the relay's costs."""
@@ -566,6 +610,19 @@ class Bench:
         finally:
             if relay.child:
                 self.children.stop(relay.child)
+
+
+def peers_module() -> Any:
+    """``_relay_peers`` (the pilot-agent helpers), loaded by path: this file runs both as a
+    script and as ``benchmarks.relay_bench`` under asv."""
+    module = sys.modules.get("_relay_peers")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("_relay_peers", PEERS)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_relay_peers"] = module
+        spec.loader.exec_module(module)
+    return module
 
 
 def progress(name: str, workload: str, r: dict[str, Any]) -> None:
@@ -665,7 +722,52 @@ def summarize(results: Results, names: tuple[str, ...]) -> dict[str, dict[str, A
         if name in results.idle_rss:
             row["idle_rss"] = _median([float(v) for v in results.idle_rss[name]])
         summary[name] = row
+    for name in names:
+        against = agent_row(name, names)
+        if against is not None:
+            summary[name]["vs_agent"] = versus(results, summary, name, against)
     return summary
+
+
+def agent_row(name: str, names: Collection[str]) -> str | None:
+    """The stock pilot-agent row a relay row is held against (the issue's targets):
+    ``istio-agent-tls`` for a relay TLS row if it ran, else ``istio-agent``; None for
+    the baselines, the agent rows themselves, or a run without the agent."""
+    if name.startswith(("direct", ISTIO_AGENT)):
+        return None
+    tls_agent = ISTIO_AGENT + TLS_SUFFIX
+    if name.endswith(TLS_SUFFIX) and tls_agent in names:
+        return tls_agent
+    return ISTIO_AGENT if ISTIO_AGENT in names else None
+
+
+def versus(
+    results: Results, summary: dict[str, dict[str, Any]], name: str, agent: str
+) -> dict[str, Any]:
+    """A row against the agent's: per workload, the throughput ratio (round by round, then
+    the median), relay CPU per message and peak RSS as ratios (> 1: the row costs more);
+    and the idle RSS ratio."""
+    out: dict[str, Any] = {"agent": agent}
+    row, ref = summary[name], summary[agent]
+    for workload in WORKLOADS:
+        if workload not in row or workload not in ref:
+            continue
+        runs: list[dict[str, Any]] = getattr(results, workload).get(name, [])
+        theirs: list[dict[str, Any]] = getattr(results, workload).get(agent, [])
+        cmp: dict[str, float] = {}
+        if runs and len(runs) == len(theirs):
+            cmp["rate"] = _median(
+                [r["rate"] / t["rate"] for r, t in zip(runs, theirs, strict=True)]
+            )
+        mine, other = cpu_per_message(row[workload], 1.0), cpu_per_message(ref[workload], 1.0)
+        if mine is not None and other:
+            cmp["cpu"] = mine / other
+        if row[workload].get("peak_rss") and ref[workload].get("peak_rss"):
+            cmp["peak_rss"] = row[workload]["peak_rss"] / ref[workload]["peak_rss"]
+        out[workload] = cmp
+    if row.get("idle_rss") and ref.get("idle_rss"):
+        out["idle_rss"] = row["idle_rss"] / ref["idle_rss"]
+    return out
 
 
 def cpu_per_message(agg: dict[str, Any], scale: float) -> float | None:
@@ -789,6 +891,7 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
         f"{'RSS MB: before':>16}{'peak':>6}{'peak-before':>13}{'/ message':>11}",
         big,
     )
+    versus_agent(lines, summary, w)
     notes = _footnotes(summary)
     if notes:
         lines.append("")
@@ -811,6 +914,39 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
     if cores:
         lines.append(f"relay cores: {', '.join(cores)}")
     return "\n".join(lines)
+
+
+def versus_agent(lines: list[str], summary: dict[str, dict[str, Any]], w: int) -> None:
+    """The rows against the stock pilot-agent, as the issue's targets put them."""
+    rows = [(name, row["vs_agent"]) for name, row in summary.items() if "vs_agent" in row]
+    if not rows:
+        return
+    lines.append("")
+    lines.append(
+        "against the stock pilot-agent (targets: throughput >= 1.00x; relay CPU per message "
+        "<= 0.50x; idle and peak RSS <= 1.00x)"
+    )
+    lines.append(
+        f"{'arrangement':<{w}}{'vs':<17}{'workload':<9}{'throughput':>11}{'CPU/msg':>9}"
+        f"{'peak RSS':>10}{'idle RSS':>10}"
+    )
+
+    def times(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}x"
+
+    for name, vs in rows:
+        first = True
+        for workload in WORKLOADS:
+            if workload not in vs:
+                continue
+            cmp = vs[workload]
+            idle = times(vs.get("idle_rss")) if first else ""
+            lines.append(
+                f"{name if first else '':<{w}}{vs['agent'] if first else '':<17}{workload:<9}"
+                f"{times(cmp.get('rate')):>11}{times(cmp.get('cpu')):>9}"
+                f"{times(cmp.get('peak_rss')):>10}{idle:>10}"
+            )
+            first = False
 
 
 def _footnotes(summary: dict[str, dict[str, Any]]) -> list[str]:
