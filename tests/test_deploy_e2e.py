@@ -320,7 +320,12 @@ class Sidecar:
         return self.workdir / "etc" / "istio" / "proxy" / "XDS"
 
     def log_tail(self, lines: int = 60) -> str:
-        return _tail(self.log_path, lines)
+        """The log's end, after Envoy's lines saying why it rejected config (if any): a
+        NACK's reason comes once, then readiness warnings repeat for as long as we wait."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        why = [line for line in text.splitlines() if "rejected:" in line and "gRPC config" in line]
+        head = "\n".join([*why[:5], "...", ""]) if why else ""
+        return head + _tail(self.log_path, lines)
 
     async def admin(self, path: str) -> tuple[int, bytes]:
         status, _, body = await http_get("127.0.0.1", self.admin_port, path, timeout=10.0)
