@@ -271,7 +271,7 @@ async def test_sessions_of_many_connections_are_all_freed(
 # -- the process: RSS after refused big pushes --------------------------------------------------
 
 glibc_only = pytest.mark.skipif(not heap.supported(), reason="the heap release is glibc's")
-PUSH = 48 * MiB
+PUSH = 100 * MiB  # the size the issue was found with
 
 
 def rss(pid: int) -> int:
@@ -297,7 +297,7 @@ async def rss_reaches(pid: int, ok: Callable[[int], bool], timeout: float) -> in
 async def test_refused_big_pushes_give_their_memory_back(
     xdsfast_run: XdsfastFactory, control_plane: ControlPlane
 ) -> None:
-    """Envoy resets three 48 MiB pushes it will not read: each time the relay's RSS is back
+    """Envoy resets three 100 MiB pushes it will not read: each time the relay's RSS is back
     near idle within the heap-release interval (the issue: 130/230/331 MB left resident)."""
     cp = control_plane
     cp.set_resources(CLUSTER, {})
