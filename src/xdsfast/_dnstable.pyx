@@ -1041,3 +1041,132 @@ def _encode(bytes dotted):
         out += label
     out.append(0)
     return bytes(out)
+
+
+# -- the relay's verdict without protobuf -------------------------------------------------------
+
+cdef inline int plain_length(const uint8_t* p, size_t n, size_t* pos, size_t* out) noexcept nogil:
+    """A minimal varint of at most 4 bytes that fits in what is left; else 0 (not sure)."""
+    cdef size_t v = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while shift < 28:
+        if pos[0] >= n:
+            return 0
+        b = p[pos[0]]
+        pos[0] += 1
+        v |= (<size_t>(b & 0x7F)) << shift
+        if b < 0x80:
+            if b == 0 and shift:
+                return 0
+            if v > n - pos[0]:
+                return 0
+            out[0] = v
+            return 1
+        shift += 7
+    return 0
+
+
+cdef int utf8(const uint8_t* p, size_t n) noexcept nogil:
+    """1 if ``p[:n]`` is valid UTF-8 (RFC 3629: no overlong form, surrogate or > U+10FFFF)."""
+    cdef size_t i = 0
+    cdef uint8_t c
+    cdef uint8_t lo
+    cdef uint8_t hi
+    cdef size_t k
+    while i < n:
+        c = p[i]
+        if c < 0x80:
+            i += 1
+            continue
+        lo = 0x80
+        hi = 0xBF
+        if 0xC2 <= c <= 0xDF:
+            k = 1
+        elif 0xE0 <= c <= 0xEF:
+            k = 2
+            if c == 0xE0:
+                lo = 0xA0
+            elif c == 0xED:
+                hi = 0x9F
+        elif 0xF0 <= c <= 0xF4:
+            k = 3
+            if c == 0xF0:
+                lo = 0x90
+            elif c == 0xF4:
+                hi = 0x8F
+        else:
+            return 0
+        if n - i - 1 < k or not (lo <= p[i + 1] <= hi):
+            return 0
+        i += 2
+        k -= 1
+        while k:
+            if not (0x80 <= p[i] <= 0xBF):
+                return 0
+            i += 1
+            k -= 1
+    return 1
+
+
+cdef int strings(const uint8_t* p, size_t n, uint8_t last_tag) noexcept nogil:
+    """1 if ``p[:n]`` is only length-delimited fields 1.. of valid UTF-8 (a NameInfo: tags
+    0x0A..0x2A), 0 if not sure."""
+    cdef size_t pos = 0
+    cdef size_t length
+    cdef uint8_t tag
+    while pos < n:
+        tag = p[pos]
+        pos += 1
+        if (tag & 7) != 2 or tag < 0x0A or tag > last_tag:
+            return 0
+        if not plain_length(p, n, &pos, &length) or not utf8(p + pos, length):
+            return 0
+        pos += length
+    return 1
+
+
+cdef int check(const uint8_t* p, size_t n) noexcept nogil:
+    cdef size_t pos = 0
+    cdef size_t epos
+    cdef size_t length
+    cdef size_t elength
+    cdef const uint8_t* e
+    cdef uint8_t tag
+    while pos < n:
+        if p[pos] != 0x0A:  # table = 1, length-delimited: anything else, protobuf judges
+            return 0
+        pos += 1
+        if not plain_length(p, n, &pos, &length):
+            return 0
+        e = p + pos
+        pos += length
+        epos = 0
+        while epos < length:  # a map entry: key = 1 (string), value = 2 (NameInfo)
+            tag = e[epos]
+            epos += 1
+            if tag != 0x0A and tag != 0x12:
+                return 0
+            if not plain_length(e, length, &epos, &elength):
+                return 0
+            if tag == 0x0A:
+                if not utf8(e + epos, elength):
+                    return 0
+            elif not strings(e + epos, elength, 0x2A):
+                return 0
+            epos += elength
+    return 1
+
+
+def accepted(bytes wire):
+    """True if protobuf surely decodes ``wire`` as a NameTable (checked in C, no objects:
+    well-formed, only NameTable's own fields, every string valid UTF-8, minimal lengths);
+    False if not sure (then protobuf judges: its verdict and error are the NACK's)."""
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(wire)
+    cdef size_t n = <size_t>PyBytes_GET_SIZE(wire)
+    cdef int ok
+    if n >= 0x7FFFFFFF:
+        return False
+    with nogil:
+        ok = check(p, n)
+    return ok == 1

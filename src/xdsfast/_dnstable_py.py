@@ -98,7 +98,10 @@ class CompiledTable:
     def reply(self, data: bytes, qend: int) -> bytes | None:
         """The whole reply (untruncated) to a validated query whose question ends at
         ``qend``: A or AAAA, class IN, of a name or under a ``*.`` wildcard (the most
-        specific first); None if the table has no answer."""
+        specific first); None if the table has no answer, or the name is longer than
+        a name can be (255 bytes), as the compiled module says."""
+        if qend - 16 > 255:
+            return None
         qtype = data[qend - 4 : qend]
         if qtype != _A_IN and qtype != _AAAA_IN:
             return None
@@ -218,3 +221,9 @@ def build(wire: bytes, rules: Rules) -> CompiledTable | None:
         addresses = lookup.addresses[target]
         index[name_wire] = (target_wire, addresses.v4, addresses.v6)
     return CompiledTable(index, len(table.table))
+
+
+def accepted(wire: bytes) -> bool:
+    """Whether protobuf surely decodes ``wire`` as a NameTable without asking it; the
+    twin is never sure (the compiled module checks the wire bytes in C)."""
+    return False

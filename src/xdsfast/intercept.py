@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from xdsfast import xds_pb2
-from xdsfast.dns.table import DnsTable
+from xdsfast.dns.table import DnsTable, accepted
 from xdsfast.engines import Mode
 from xdsfast.files import write_atomically
 from xdsfast.nds_pb2 import NameTable
@@ -110,11 +110,14 @@ class NameTableInterceptor:
         self.table = table
 
     def apply(self, value: bytes, version: str) -> None:
-        try:
-            name_table = NameTable.FromString(value)
-        except DecodeError as exc:
-            raise ValueError(f"cannot decode NameTable: {exc}") from exc
-        self.table.update(name_table, version, value)
+        """The verdict is protobuf's, without a decode on the loop when the compiled
+        check is sure (a 100k-host decode is 60-90 ms); the table keeps the bytes."""
+        if not accepted(value):
+            try:
+                NameTable.FromString(value)
+            except DecodeError as exc:
+                raise ValueError(f"cannot decode NameTable: {exc}") from exc
+        self.table.update(value, version)
 
 
 PROXY_CONFIG = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"

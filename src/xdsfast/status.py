@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 
 from xdsfast import log
 from xdsfast.config import split_host_port
+from xdsfast.dns.wiretable import WireNameTable
 from xdsfast.nds_pb2 import NameTable
 
 __all__ = [
@@ -181,14 +182,17 @@ def name_table_json(table: NameTable | None) -> dict[str, Any] | None:
     return {"table": {host: _host_json(info) for host, info in table.table.items()}}
 
 
-def name_table_pieces(table: NameTable) -> Iterator[bytes]:
+def name_table_pieces(table: NameTable | WireNameTable) -> Iterator[bytes]:
     """``_json(name_table_json(table))``, byte for byte, in pieces of bounded work.
 
     Each step takes at most ``_SLICE_HOSTS`` hosts (empty pieces are pauses): the
     keys are sorted in runs of that size, then merged, and each run of merged hosts
     is dumped by orjson and indented to its depth.  The caller may yield to the
     loop between pieces; the table must not change meanwhile (tables are replaced,
-    never modified)."""
+    never modified).  A :class:`WireNameTable` is decoded an entry at a time."""
+    if isinstance(table, WireNameTable):
+        yield from _wire_table_pieces(table)
+        return
     hosts = table.table
     if not len(hosts):
         yield b'{\n  "table": {}\n}\n'
@@ -207,6 +211,37 @@ def name_table_pieces(table: NameTable) -> Iterator[bytes]:
     while batch := list(itertools.islice(ordered, _SLICE_HOSTS)):
         dumped = orjson.dumps({host: _host_json(hosts[host]) for host in batch}, option=option)
         # '{\n  "h": {...}\n}' -> '    "h": {...}': the same entries two levels deeper
+        yield separator + b"    " + dumped[4:-2].replace(b"\n", b"\n  ")
+        separator = b",\n"
+    yield b"\n  }\n}\n"
+
+
+def _wire_table_pieces(table: WireNameTable) -> Iterator[bytes]:
+    """``name_table_pieces`` of a table kept as wire bytes: the same steps, with an
+    index of each host's last record (built in slices) standing for the parsed map."""
+    spans: dict[str, tuple[int, int]] = {}
+    for count, (start, end) in enumerate(table.records(), 1):
+        spans[table.entry(start, end)[0]] = (start, end)
+        if count % _SLICE_HOSTS == 0:
+            yield b""
+    if not spans:
+        yield b'{\n  "table": {}\n}\n'
+        return
+    import orjson
+
+    runs: list[list[str]] = []
+    keys = iter(spans)
+    while run := sorted(itertools.islice(keys, _SLICE_HOSTS)):
+        runs.append(run)
+        yield b""
+    yield b'{\n  "table": {\n'
+    ordered = heapq.merge(*runs)
+    option = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+    separator = b""
+    while batch := list(itertools.islice(ordered, _SLICE_HOSTS)):
+        dumped = orjson.dumps(
+            {host: _host_json(table.entry(*spans[host])[1]) for host in batch}, option=option
+        )
         yield separator + b"    " + dumped[4:-2].replace(b"\n", b"\n  ")
         separator = b",\n"
     yield b"\n  }\n}\n"
@@ -237,7 +272,7 @@ class StatusServer:
         *,
         ready: Callable[[], str | None],
         metrics: Callable[[], bytes],
-        ndsz: Callable[[], NameTable | None],
+        ndsz: Callable[[], NameTable | WireNameTable | None],
         xds: Callable[[], dict[str, Any]],
         timeout: float = 5.0,
         max_head: int = 8 * 1024,

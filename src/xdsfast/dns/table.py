@@ -1,9 +1,11 @@
 """The latest NameTable from istiod, and the compiled name table the DNS proxy answers from.
 
-``update`` (called by the relay) keeps the NameTable and returns at once; the
-name table is compiled in a worker thread and swapped in whole when ready, so
-the relay never waits on a build and no query ever sees half a table.  Tables
-that arrive while a build runs are coalesced: the next build takes the latest.
+``update`` (called by the relay) keeps the NameTable as its wire bytes (not
+parsed: ``/debug/ndsz`` and ``hosts()`` decode an entry at a time, see
+:mod:`xdsfast.dns.wiretable`) and returns at once; the name table is compiled
+in a worker thread and swapped in whole when ready, so the relay never waits
+on a build and no query ever sees half a table.  Tables that arrive while a
+build runs are coalesced: the next build takes the latest.
 
 The compiled table (``xdsfast._dnstable``, or its pure-Python twin) is built
 straight from the NameTable's wire bytes into flat buffers (names, addresses,
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 from xdsfast import log, wire
 from xdsfast.dns.names import NameRules
 from xdsfast.dns.wire import CLASS_IN, TYPE_A, TYPE_AAAA
+from xdsfast.dns.wiretable import WireNameTable
 from xdsfast.nds_pb2 import NameTable
 
 if TYPE_CHECKING or wire.NO_EXTENSIONS:  # both have the same API; the twin is the reference
@@ -41,6 +44,7 @@ else:
 CompiledTable = _impl.CompiledTable
 ROTATIONS = _impl.ROTATIONS
 next_turn = _impl.next_turn
+accepted = _impl.accepted  # the compiled module: True if protobuf surely takes the bytes
 
 _log = log.scope("dns")
 
@@ -78,15 +82,15 @@ class DnsTable:
 
     ``table``, ``version`` and ``updates`` change as soon as the relay applies a
     push; ``answers`` (and so ``ready``) once the compiled table for it is built.
+    The relay's tables are kept as wire bytes (:class:`WireNameTable`), not parsed.
     """
 
     def __init__(self, rules: NameRules | None = None) -> None:
-        self.table: NameTable | None = None
+        self.table: NameTable | WireNameTable | None = None
         self.version = ""
         self.updates = 0
         self.rules = rules or NameRules()
         self.answers: CompiledTable | None = None
-        self._wire: bytes | None = None  # the NameTable as it came, what the build reads
         self.answers_version = ""
         self.build_seconds = 0.0
         self._wanted = 0  # bumped by every table or rules change
@@ -100,11 +104,10 @@ class DnsTable:
         """True once answers for a first table are served (Istio gates pod readiness on it)."""
         return self.answers is not None
 
-    def update(self, table: NameTable, version: str, wire: bytes | None = None) -> None:
-        """Take a new NameTable (from the relay; ``wire``: the bytes it was decoded from):
-        returns at once, answers follow."""
-        self.table = table
-        self._wire = wire
+    def update(self, table: NameTable | bytes, version: str) -> None:
+        """Take a new NameTable (from the relay: its wire bytes, already accepted by
+        protobuf): returns at once, answers follow."""
+        self.table = WireNameTable(table) if isinstance(table, bytes) else table
         self.version = version
         self.updates += 1
         self._wanted += 1
@@ -122,6 +125,8 @@ class DnsTable:
         """Hostname -> IPs of the current table (empty before the first one)."""
         if self.table is None:
             return {}
+        if isinstance(self.table, WireNameTable):
+            return self.table.hosts()
         return {name: list(info.ips) for name, info in self.table.table.items()}
 
     def stats(self) -> tuple[int, int, int]:
@@ -156,7 +161,7 @@ class DnsTable:
             return  # the running build's completion starts the next one
         table = self.table
         assert table is not None
-        source: NameTable | bytes = self._wire if self._wire is not None else table
+        source = table.wire if isinstance(table, WireNameTable) else table
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a plain call): build right here
@@ -192,13 +197,11 @@ class DnsTable:
                 "DNS table applied",
                 extra=log.fields(
                     version=version,
-                    hosts=len(self.table.table) if self.table is not None else 0,
+                    hosts=answers.hosts,
                     names=answers.names,
                     table_bytes=answers.nbytes,
                     build_ms=round(seconds * 1000, 2),
                 ),
             )
         self._built = wanted
-        if self._built == self._wanted:
-            self._wire = None  # built: a rebuild (new rules) re-encodes the NameTable
         self._notify()
