@@ -725,9 +725,14 @@ async def test_run_serves_prometheus_text(
         await client.recv()
     finally:
         await client.close()
-    status, headers, body = await http_get("127.0.0.1", relay.status_port, "/stats/prometheus")
-    assert status == 200 and headers["content-type"] == PROMETHEUS_CONTENT_TYPE
-    found = samples(body.decode())
+    deadline = time.monotonic() + 10.0
+    while True:  # counters are bumped just after the send: they may trail the client
+        status, headers, body = await http_get("127.0.0.1", relay.status_port, "/stats/prometheus")
+        assert status == 200 and headers["content-type"] == PROMETHEUS_CONTENT_TYPE
+        found = samples(body.decode())
+        forwarded = value(found, "xdsfast_xds_bytes_total", type_url=CLUSTER, direction="response")
+        if forwarded or time.monotonic() > deadline:  # counted once written to the client
+            break
     assert value(found, "istio_agent_xds_proxy_responses") == 1
     assert value(found, "xdsfast_core_info", implementation=wire.IMPLEMENTATION) == 1
     assert value(found, "xdsfast_xds_bytes_total", type_url=CLUSTER, direction="response") > 0
