@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdsfast import log
+from xdsfast import log, wire
 
 _log = log.scope("healthcheck")
 
@@ -167,7 +167,7 @@ async def _grpc(probe: Probe) -> str | None:
     from grpc import aio
 
     service = probe.service.encode()
-    request = b"\x0a" + _varint(len(service)) + service if service else b""
+    request = b"\x0a" + wire.varint(len(service)) + service if service else b""
     async with aio.insecure_channel(f"{probe.host}:{probe.port}") as channel:
         call = channel.unary_unary("/grpc.health.v1.Health/Check")
         try:
@@ -190,15 +190,6 @@ async def _exec(probe: Probe) -> str | None:
         await process.wait()
         raise
     return None if code == 0 else f"exec probe: exit code {code}"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 _CHECKS = {"http": _http, "tcp": _tcp, "grpc": _grpc, "exec": _exec}

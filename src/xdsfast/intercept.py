@@ -13,7 +13,7 @@ from typing import Protocol
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from xdsfast import xds_pb2
+from xdsfast import wire, xds_pb2
 from xdsfast.dns.table import DnsTable, accepted
 from xdsfast.engines import Mode
 from xdsfast.files import write_atomically
@@ -194,19 +194,6 @@ _NODE_FIELD = {Mode.SOTW: 2, Mode.DELTA: 1}
 _NODE_METADATA_FIELD = 3
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def dns_node_metadata(dns_address: str, port: int) -> dict[str, str]:
     """What pilot-agent's bootstrap puts in Envoy's node when its DNS proxy is on: istiod
     allocates ServiceEntry VIPs and points Envoy's dynamic forward proxy at this address only
@@ -224,5 +211,5 @@ def node_metadata_patch(mode: Mode, metadata: Mapping[str, str]) -> bytes:
     never decoded or re-encoded (as a full decode and re-encode would, reordering fields)."""
     struct = struct_pb2.Struct()
     struct.update(dict(metadata))
-    node = _length_delimited(_NODE_METADATA_FIELD, struct.SerializeToString())
-    return _length_delimited(_NODE_FIELD[mode], node)
+    node = wire.length_delimited(_NODE_METADATA_FIELD, struct.SerializeToString())
+    return wire.length_delimited(_NODE_FIELD[mode], node)

@@ -194,54 +194,39 @@ def name_table_pieces(table: NameTable | WireNameTable) -> Iterator[bytes]:
         yield from _wire_table_pieces(table)
         return
     hosts = table.table
-    if not len(hosts):
-        yield b'{\n  "table": {}\n}\n'
-        return
-    import orjson
-
-    runs: list[list[str]] = []
-    keys = iter(hosts)
-    while run := sorted(itertools.islice(keys, _SLICE_HOSTS)):
-        runs.append(run)
-        yield b""
-    yield b'{\n  "table": {\n'
-    ordered = heapq.merge(*runs)
-    option = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
-    separator = b""
-    while batch := list(itertools.islice(ordered, _SLICE_HOSTS)):
-        dumped = orjson.dumps({host: _host_json(hosts[host]) for host in batch}, option=option)
-        # '{\n  "h": {...}\n}' -> '    "h": {...}': the same entries two levels deeper
-        yield separator + b"    " + dumped[4:-2].replace(b"\n", b"\n  ")
-        separator = b",\n"
-    yield b"\n  }\n}\n"
+    yield from _sorted_pieces(iter(hosts), lambda host: hosts[host])
 
 
 def _wire_table_pieces(table: WireNameTable) -> Iterator[bytes]:
-    """``name_table_pieces`` of a table kept as wire bytes: the same steps, with an
-    index of each host's last record (built in slices) standing for the parsed map."""
+    """``name_table_pieces`` of a table kept as wire bytes: an index of each host's last
+    record (built in slices) stands for the parsed map."""
     spans: dict[str, tuple[int, int]] = {}
     for count, (start, end) in enumerate(table.records(), 1):
         spans[table.entry(start, end)[0]] = (start, end)
         if count % _SLICE_HOSTS == 0:
             yield b""
-    if not spans:
+    yield from _sorted_pieces(iter(spans), lambda host: table.entry(*spans[host])[1])
+
+
+def _sorted_pieces(keys: Iterator[str], info: Callable[[str], Any]) -> Iterator[bytes]:
+    """The JSON of ``{"table": {host: info(host)}}``, hosts sorted, in slices: runs of
+    ``_SLICE_HOSTS`` sorted a slice at a time, then merged and dumped a slice at a time."""
+    runs: list[list[str]] = []
+    while run := sorted(itertools.islice(keys, _SLICE_HOSTS)):
+        runs.append(run)
+        yield b""
+    if not runs:
         yield b'{\n  "table": {}\n}\n'
         return
     import orjson
 
-    runs: list[list[str]] = []
-    keys = iter(spans)
-    while run := sorted(itertools.islice(keys, _SLICE_HOSTS)):
-        runs.append(run)
-        yield b""
     yield b'{\n  "table": {\n'
     ordered = heapq.merge(*runs)
     option = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
     separator = b""
     while batch := list(itertools.islice(ordered, _SLICE_HOSTS)):
-        dumped = orjson.dumps(
-            {host: _host_json(table.entry(*spans[host])[1]) for host in batch}, option=option
-        )
+        dumped = orjson.dumps({host: _host_json(info(host)) for host in batch}, option=option)
+        # '{\n  "h": {...}\n}' -> '    "h": {...}': the same entries two levels deeper
         yield separator + b"    " + dumped[4:-2].replace(b"\n", b"\n  ")
         separator = b",\n"
     yield b"\n  }\n}\n"

@@ -21,10 +21,12 @@ __all__ = [
     "RequestPeek",
     "ResponsePeek",
     "WireError",
+    "length_delimited",
     "peek_delta_request",
     "peek_delta_response",
     "peek_request",
     "peek_response",
+    "varint",
 ]
 
 NO_EXTENSIONS = bool(os.environ.get("XDSFAST_NO_EXTENSIONS"))
@@ -65,3 +67,19 @@ else:
     peek_response = _impl.peek_response
     peek_delta_request = _impl.peek_delta_request
     peek_delta_response = _impl.peek_delta_response
+
+
+def varint(value: int) -> bytes:
+    """A protobuf varint: for the few bytes xdsfast writes itself (health requests, the
+    node patch), where building a message would cost an import or a decode."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited field (wire type 2): tag, length, payload."""
+    return varint(field_number << 3 | 2) + varint(len(payload)) + payload
