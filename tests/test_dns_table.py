@@ -181,6 +181,19 @@ def test_update_without_an_event_loop_builds_at_once() -> None:
     assert t.hosts() == {"a.example": ["10.0.0.1"]}
 
 
+def test_fields_protobuf_keeps_as_unknown_do_not_stop_the_build() -> None:
+    """Top-level fields protobuf keeps as unknown (a field a newer istiod may add; field 1
+    with a wire type that is not the map's) are left to protobuf by the compiled parser,
+    and dropped for the build: the table is served.  The fuzz harness found the build
+    failing on them, so DNS never answered from such a table."""
+    table = table_of({"a.example": Info(ips=["10.0.0.1"], registry="External")})
+    wire = table.SerializeToString() + b"\x30\x01" + b"\x08\x05"  # field 6 = 1; field 1 = 5
+    assert nds_pb2.NameTable.FromString(wire).table["a.example"].ips == ["10.0.0.1"]
+    t = DnsTable(RULES)
+    t.update(wire, "1")
+    assert t.ready and t.answers is not None and t.answers.hosts == 1
+
+
 async def test_tables_arriving_during_a_build_are_coalesced(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -56,12 +56,15 @@ def build(table: NameTable | bytes, rules: NameRules) -> CompiledTable:
     """The compiled table for a NameTable (parsed, or its wire bytes) under the rules.
 
     Encodings the compiled parser leaves to protobuf (repeated keys or values, which
-    protobuf merges) are re-encoded by protobuf first.  Raises ValueError if the bytes
+    protobuf merges; unknown fields, which it keeps and the build drops) are re-encoded
+    by protobuf first.  Raises ValueError if the bytes
     are no NameTable."""
     data = table if isinstance(table, bytes) else table.SerializeToString()
     compiled = _impl.build(data, rules)
-    if compiled is None:
-        compiled = _impl.build(NameTable.FromString(data).SerializeToString(), rules)
+    if compiled is None:  # fields a newer istiod may add are kept by protobuf: drop them
+        canonical = NameTable.FromString(data)
+        canonical.DiscardUnknownFields()
+        compiled = _impl.build(canonical.SerializeToString(), rules)
     if compiled is None:
         raise ValueError("NameTable encoding not understood")
     return compiled
