@@ -103,6 +103,7 @@ class Total:
     its owner at scrape time, so the owner's hot path bumps a plain attribute."""
 
     __slots__ = ("doc", "name", "read")
+    kind = "counter"
 
     def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
         self.name = name
@@ -114,7 +115,14 @@ class Total:
 
     def text(self) -> str:
         n = self.name
-        return f"# HELP {n} {self.doc}\n# TYPE {n} counter\n{n} {_float(self.read())}\n"
+        return f"# HELP {n} {self.doc}\n# TYPE {n} {self.kind}\n{n} {_float(self.read())}\n"
+
+
+class ReadGauge(Total):
+    """A gauge whose value is read from its owner when scraped (a size, not a count)."""
+
+    __slots__ = ()
+    kind = "gauge"
 
 
 class Info:

@@ -9,27 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from xdsfast.metrics import PREFIX, Count, Histogram, Labels, Registry, Total
+from xdsfast.metrics import PREFIX, Count, Histogram, ReadGauge, Registry, Total
 
 UPSTREAM_BUCKETS = (0.001, 0.005, 0.01, 0.1, 1.0, 5.0)  # Istio's
-
-
-class ReadGauge:
-    """A gauge whose value is read from its owner when scraped."""
-
-    __slots__ = ("doc", "name", "read")
-
-    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
-        self.name = name
-        self.doc = doc
-        self.read = read
-
-    def sample(self, name: str, labels: Labels | None) -> float | None:
-        return float(self.read()) if name == self.name and not labels else None
-
-    def text(self) -> str:
-        n = self.name
-        return f"# HELP {n} {self.doc}\n# TYPE {n} gauge\n{n} {float(self.read())}\n"
 
 
 def register_table_gauges(registry: Registry, stats: Callable[[], tuple[int, int, int]]) -> None:
