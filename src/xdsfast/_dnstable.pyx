@@ -436,6 +436,17 @@ cdef int entry_names(const uint8_t* wire, Entry* entry, Rules* r, Buf* text, Buf
 
 # -- the table ----------------------------------------------------------------------------------
 
+cdef inline int question_family(const uint8_t* p, size_t qend) noexcept nogil:
+    """The question ending at ``qend``: 0 for A, 1 for AAAA (class IN), -1 for anything else."""
+    if p[qend - 4] or p[qend - 2] or p[qend - 1] != 1:
+        return -1
+    if p[qend - 3] == 1:
+        return 0
+    if p[qend - 3] == 28:
+        return 1
+    return -1
+
+
 cdef inline uint32_t hash_of(const uint8_t* q, size_t n) noexcept nogil:
     """FNV-1a, then a final mix: FNV's low bits (the index's) are weak on their own."""
     cdef uint32_t h = 2166136261u
@@ -871,13 +882,8 @@ cdef class CompiledTable:
         qend = <size_t>(z - p) + 5
         if qend > n:
             return None
-        if p[qend - 4] or p[qend - 2] or p[qend - 1] != 1:
-            return None
-        if p[qend - 3] == 1:
-            aaaa = 0
-        elif p[qend - 3] == 28:
-            aaaa = 1
-        else:
+        aaaa = question_family(p, qend)
+        if aaaa < 0:
             return None
         i = self.find(p + 12, qend - 16)
         if i < 0:
@@ -903,13 +909,8 @@ cdef class CompiledTable:
         if qend < 17 or <size_t>qend > n or <size_t>qend - 16 > 255:
             return None
         end = <size_t>qend
-        if p[end - 4] or p[end - 2] or p[end - 1] != 1:
-            return None
-        if p[end - 3] == 1:
-            aaaa = 0
-        elif p[end - 3] == 28:
-            aaaa = 1
-        else:
+        aaaa = question_family(p, end)
+        if aaaa < 0:
             return None
         i = self.find(p + 12, end - 16)
         if i < 0:
