@@ -626,7 +626,8 @@ async def _side_by_side(
     import random
 
     from xdsfast.demo.adsclient import AdsClient
-    from xdsfast.demo.controlplane import LISTENER, NAME_TABLE, ControlPlane
+    from xdsfast.demo.controlplane import ControlPlane
+    from xdsfast.typeurls import LISTENER, NAME_TABLE
 
     rng = random.Random(1)
     names = os.path.join(tmp, "queries")

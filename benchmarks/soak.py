@@ -30,7 +30,8 @@ from dnslib import DNSRecord
 from xdsfast import nds_pb2
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, StreamClosed
-from xdsfast.demo.controlplane import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 N_CLUSTERS = 50

@@ -11,8 +11,9 @@ from xdsfast.agent import Agent
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import DEFAULT_BODY, Backend, http_get
-from xdsfast.demo.controlplane import LISTENER, ROUTE, ControlPlane, Recorded
+from xdsfast.demo.controlplane import ControlPlane, Recorded
 from xdsfast.demo.envoy import DEFAULT_NODE_ID, EnvoyProcess, listener_port
+from xdsfast.typeurls import LISTENER, ROUTE
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 needs_envoy = pytest.mark.skipif(

@@ -16,9 +16,10 @@ import pytest
 from conftest import XdsfastFactory
 
 import xdsfast
-from xdsfast import wire
+from xdsfast import _ext, wire
 from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import CLUSTER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.typeurls import CLUSTER
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,12 +42,21 @@ def test_help_lists_subcommands() -> None:
 def test_version_reports_package_and_core() -> None:
     out = run_cli("version")
     assert out.returncode == 0
-    assert out.stdout.strip() == f"xdsfast {xdsfast.__version__} (core: {wire.IMPLEMENTATION})"
+    first, *cores = out.stdout.strip().splitlines()
+    assert first == f"xdsfast {xdsfast.__version__} (core: {_ext.summary()})"
+    # one line a compiled core, as the one switch chose it
+    assert [line.split() for line in cores] == [
+        [name, kind, _ext.CORES[name] + ("_py" if kind == "python" else "")]
+        for name, kind in _ext.implementations().items()
+    ]
+    assert _ext.implementation("_core") == wire.IMPLEMENTATION
 
 
 def test_version_reports_the_twin_when_forced() -> None:
     out = run_cli("version", env=dict(os.environ, XDSFAST_NO_EXTENSIONS="1"))
-    assert out.stdout.strip().endswith("(core: python)")
+    first, *cores = out.stdout.strip().splitlines()
+    assert first.endswith("(core: python)")
+    assert [line.split()[:2] for line in cores] == [[name, "python"] for name in _ext.CORES]
 
 
 @pytest.mark.parametrize("args", [("bogus",), ("--bogus",), (), ("version", "--nope")], ids=str)

@@ -32,9 +32,10 @@ from xdsfast.agent import Agent
 from xdsfast.config import Config, ConfigError
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import LISTENER, NAME_TABLE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.dns import table as table_module
 from xdsfast.dns.server import DnsServer
+from xdsfast.typeurls import LISTENER, NAME_TABLE
 
 Info = nds_pb2.NameTable.NameInfo
 SEARCH = "default.svc.cluster.local"

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
-from xdsfast import intercept, nds_pb2, status, xds_pb2
+from xdsfast import intercept, nds_pb2, status, typeurls, xds_pb2
 from xdsfast.dns import table as table_module
 from xdsfast.dns.names import NameRules
 from xdsfast.dns.table import DnsTable
@@ -131,14 +131,14 @@ def _verdict(mode: Mode, wire: bytes) -> tuple[str | None, int]:
     table = DnsTable(NameRules("default"))
     if mode is Mode.SOTW:
         data = xds_pb2.DiscoveryResponse(
-            version_info="1", nonce="n", type_url=intercept.NAME_TABLE,
-            resources=[any_pb2.Any(type_url=intercept.NAME_TABLE, value=wire)],
+            version_info="1", nonce="n", type_url=typeurls.NAME_TABLE,
+            resources=[any_pb2.Any(type_url=typeurls.NAME_TABLE, value=wire)],
         ).SerializeToString()  # fmt: skip
         request: Any = xds_pb2.DiscoveryRequest()
     else:
         data = xds_pb2.DeltaDiscoveryResponse(
-            nonce="n", type_url=intercept.NAME_TABLE,
-            resources=[xds_pb2.Resource(resource=any_pb2.Any(type_url=intercept.NAME_TABLE,
+            nonce="n", type_url=typeurls.NAME_TABLE,
+            resources=[xds_pb2.Resource(resource=any_pb2.Any(type_url=typeurls.NAME_TABLE,
                                                             value=wire))],
         ).SerializeToString()  # fmt: skip
         request = xds_pb2.DeltaDiscoveryRequest()

@@ -10,8 +10,9 @@ from support import MODES, envoy_scenario, free_port, needs_envoy
 
 from xdsfast.demo import mesh
 from xdsfast.demo.backend import Backend
-from xdsfast.demo.controlplane import NAME_TABLE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.typeurls import NAME_TABLE
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
 

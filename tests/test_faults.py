@@ -38,15 +38,9 @@ from support import MODES, free_port, needs_envoy
 from xdsfast import wire
 from xdsfast.demo import mesh
 from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.controlplane import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    NAME_TABLE,
-    ROUTE,
-    ControlPlane,
-)
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
 

@@ -26,8 +26,9 @@ from support import free_port
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, StreamClosed
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.engines import SERVICE, Downstream, Mode, Status, StreamError, fast
+from xdsfast.typeurls import CLUSTER
 
 core: Any = vars(fast)["_h2"]  # the engine's core, compiled or twin, as it chose
 MIB = 1 << 20

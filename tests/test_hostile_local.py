@@ -25,9 +25,10 @@ from pki import Authority
 from xdsfast import status as status_module
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.nds_pb2 import NameTable
 from xdsfast.status import StatusServer, _json, name_table_json
+from xdsfast.typeurls import CLUSTER
 
 READY = b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 NOT_READY = b"not ready: warming up\n"

@@ -35,11 +35,12 @@ from xdsfast.agent import Agent
 from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.controlplane import CLUSTER, NAME_TABLE, ROUTE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.demo.envoy import EnvoyProcess
 from xdsfast.dns.wire import MAX_POINTERS, WireError
 from xdsfast.nds_pb2 import NameTable
 from xdsfast.status import name_table_pieces
+from xdsfast.typeurls import CLUSTER, NAME_TABLE, ROUTE
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "xdsfast.json"

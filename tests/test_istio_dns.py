@@ -72,8 +72,8 @@ from support import free_port
 from xdsfast import nds_pb2
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, LISTENER
 from xdsfast.dns.names import NameRules, build_lookup
+from xdsfast.typeurls import CLUSTER, LISTENER
 
 # The peers' build is fixture set-up (minutes when cold): the timeout covers the test only.
 pytestmark = pytest.mark.timeout(150, func_only=True)

@@ -27,7 +27,7 @@ from conftest import XdsfastFactory
 from istio_peers import YAML_DIR, IstiodFake, Peers, peers, start_istiod_fake
 
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 # The peers' build is fixture set-up (minutes when cold): the timeout covers the test only.
 pytestmark = pytest.mark.timeout(150, func_only=True)

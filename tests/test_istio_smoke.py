@@ -39,7 +39,7 @@ from support import free_port
 
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, LISTENER
+from xdsfast.typeurls import CLUSTER, LISTENER
 
 # The peers' build is fixture set-up (minutes when cold): the timeout covers the test only.
 pytestmark = pytest.mark.timeout(120, func_only=True)

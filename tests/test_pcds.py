@@ -12,8 +12,8 @@ from xdsfast.agent import Agent
 from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import CLUSTER, LISTENER, ControlPlane
-from xdsfast.intercept import PROXY_CONFIG
+from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.typeurls import CLUSTER, LISTENER, PROXY_CONFIG
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 ROOT_A = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"

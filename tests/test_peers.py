@@ -20,15 +20,9 @@ from xdsfast import nds_pb2
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, Response, subscribe_all_and_ack
 from xdsfast.demo.backend import DEFAULT_BODY, Backend, http_get
-from xdsfast.demo.controlplane import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    NAME_TABLE,
-    ROUTE,
-    ControlPlane,
-)
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE
 
 
 def shm_files() -> set[Path]:

@@ -18,7 +18,8 @@ import pytest_asyncio
 from conftest import XdsfastFactory
 
 from xdsfast.demo import mesh
-from xdsfast.demo.controlplane import LISTENER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.typeurls import LISTENER
 
 METHOD = "/xdsfast.test.Echo/Say"
 

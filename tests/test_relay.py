@@ -18,8 +18,9 @@ from xdsfast.agent import Agent
 from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, StreamClosed
-from xdsfast.demo.controlplane import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.engines import SERVICE, Mode
+from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from xdsfast import _core_py, _route_py, route, wire, xds_pb2
 from xdsfast.engines import Mode
-from xdsfast.intercept import LISTENER
 from xdsfast.metrics import PUSH_LATENCY_BUCKETS, Metrics
+from xdsfast.typeurls import LISTENER
 
 IMPLS: list[tuple[ModuleType, ModuleType]] = [(_route_py, _core_py)]
 with contextlib.suppress(ImportError):

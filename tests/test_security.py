@@ -13,16 +13,17 @@ from typing import Any
 import pytest
 from conftest import XdsfastFactory
 
-from xdsfast import xds_pb2
+from xdsfast import typeurls, xds_pb2
 from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import CLUSTER, LISTENER, NAME_TABLE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.dns import server as dns_server
 from xdsfast.dns.handler import Handler
 from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.table import DnsTable
 from xdsfast.metrics import Metrics
+from xdsfast.typeurls import CLUSTER, LISTENER, NAME_TABLE
 
 # ----- DNS: not an open resolver --------------------------------------------------------
 
@@ -242,8 +243,8 @@ def test_an_ip_with_a_nul_byte_is_skipped_not_fatal_to_the_table() -> None:
     table.table["backend.default.svc.cluster.local"].ips[:] = ["2001:d\x00\x00::1", "10.0.0.7"]
     table.table["bad.example.com"].ips.append("1.2.3\x004")
     dns = DnsTable()
-    response = xds_pb2.DiscoveryResponse(version_info="1", type_url=intercept.NAME_TABLE)
-    response.resources.add(type_url=intercept.NAME_TABLE, value=table.SerializeToString())
+    response = xds_pb2.DiscoveryResponse(version_info="1", type_url=typeurls.NAME_TABLE)
+    response.resources.add(type_url=typeurls.NAME_TABLE, value=table.SerializeToString())
     reply, error = intercept.consume(
         intercept.NameTableInterceptor(dns), Mode.SOTW, response.SerializeToString(), "1", "n"
     )

@@ -34,8 +34,9 @@ from google.protobuf import any_pb2
 from xdsfast import heap, log
 from xdsfast.agent import Agent
 from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import CLUSTER, LISTENER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.relay import Session
+from xdsfast.typeurls import CLUSTER, LISTENER
 
 MiB = 1 << 20
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

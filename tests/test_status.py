@@ -22,14 +22,15 @@ from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from support import connect
 
-from xdsfast import wire
+from xdsfast import _ext
 from xdsfast.agent import Agent
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, Response
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, LISTENER, NAME_TABLE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.nds_pb2 import NameTable
 from xdsfast.status import PROMETHEUS_CONTENT_TYPE, StatusServer, is_loopback
+from xdsfast.typeurls import CLUSTER, LISTENER, NAME_TABLE
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 TIMEOUT = 0.5  # the test server's head/idle timeout: short, so slow clients fail fast
@@ -97,6 +98,12 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             labels = frozenset(_LABEL.findall(match.group(2) or ""))
             found[(match.group(1), labels)] = float(match.group(3))
     return found
+
+
+#: ``xdsfast_core_info``'s labels: all cores at once, then each (what ``_ext`` chose).
+CORE_LABELS = {"implementation": _ext.summary()} | {
+    name.lstrip("_"): kind for name, kind in _ext.implementations().items()
+}
 
 
 def value(
@@ -605,7 +612,7 @@ async def test_metrics_after_scripted_traffic(
     assert len(requests) == 6  # CDS, its ACK, LDS, NDS (the agent's), its ACK, LDS ACK
     assert value(found, "istio_agent_xds_proxy_responses") == len(sent) == 3
     assert value(found, "xdsfast_xds_consumed_responses_total", result="applied") == 1
-    assert value(found, "xdsfast_core_info", implementation=wire.IMPLEMENTATION) == 1
+    assert value(found, "xdsfast_core_info", **CORE_LABELS) == 1
     envoys = [r for r in requests if r.type_url != NAME_TABLE]
     assert value(found, "istio_agent_pilot_xds_recv_max") == max(map(as_sent, envoys))
     for type_url in (CLUSTER, LISTENER):
@@ -734,7 +741,7 @@ async def test_run_serves_prometheus_text(
         if forwarded or time.monotonic() > deadline:  # counted once written to the client
             break
     assert value(found, "istio_agent_xds_proxy_responses") == 1
-    assert value(found, "xdsfast_core_info", implementation=wire.IMPLEMENTATION) == 1
+    assert value(found, "xdsfast_core_info", **CORE_LABELS) == 1
     assert value(found, "xdsfast_xds_bytes_total", type_url=CLUSTER, direction="response") > 0
     assert value(found, "xdsfast_status_connections_evicted_total") == 0
     assert value(found, "xdsfast_status_connections_refused_total") == 0

@@ -20,7 +20,8 @@ from pki import Authority
 from xdsfast.agent import Agent
 from xdsfast.config import Config, TlsFiles
 from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import CLUSTER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.typeurls import CLUSTER
 
 ISTIOD = "istiod.istio-system.svc"
 TOKEN = "eyJhbGciOi.secret-token-value.sig"

@@ -38,11 +38,12 @@ from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient
 from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import CLUSTER, EXTENSION_CONFIG, LISTENER, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.demo.envoy import EnvoyProcess
 from xdsfast.engines import Mode
 from xdsfast.intercept import Rejected
 from xdsfast.metrics import Metrics
+from xdsfast.typeurls import CLUSTER, EXTENSION_CONFIG, LISTENER
 from xdsfast.wasm import build_rewriter, wasm_pb2
 from xdsfast.wasm.cache import ModuleCache, module_path
 from xdsfast.wasm.convert import WasmRewriter

@@ -10,7 +10,7 @@ from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from xdsfast._errors import WireError
-from xdsfast.intercept import LISTENER
+from xdsfast.typeurls import LISTENER
 
 
 cdef inline double _perf_counter():

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from xdsfast._errors import WireError
-from xdsfast.intercept import LISTENER
+from xdsfast.typeurls import LISTENER
 
 if TYPE_CHECKING:  # metrics builds its histograms on Latencies: no import at run time
     from xdsfast.metrics import Metrics

@@ -26,9 +26,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
-    from xdsfast import wire
+    from xdsfast import _ext
 
-    print(f"xdsfast {__version__} (core: {wire.IMPLEMENTATION})")
+    print(f"xdsfast {__version__} (core: {_ext.summary()})")
+    for name, kind in _ext.implementations().items():
+        twin = "_py" if kind == "python" else ""
+        print(f"  {name:<10} {kind:<7} {_ext.CORES[name]}{twin}")
     return 0
 
 

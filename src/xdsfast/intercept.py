@@ -1,4 +1,4 @@
-"""Types the agent consumes itself instead of forwarding (NameTable now).
+"""Types the agent consumes itself instead of forwarding: NameTable, ProxyConfig, health.
 
 For each: the request the agent makes after Envoy's first LDS request, how a
 response is applied, and the ACK or NACK the agent sends upstream for it.
@@ -18,11 +18,8 @@ from xdsfast.dns.table import DnsTable, accepted
 from xdsfast.engines import Mode
 from xdsfast.files import write_atomically
 from xdsfast.nds_pb2 import NameTable
+from xdsfast.typeurls import ENVOY_PREFIX, HEALTH, NAME_TABLE, PROXY_CONFIG, WORKLOAD
 
-NAME_TABLE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
-LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
-WORKLOAD = "type.googleapis.com/istio.workload.Workload"
-ENVOY_PREFIX = "type.googleapis.com/envoy."
 INTERNAL = 13  # google.rpc.Code.INTERNAL, what Istio's agent NACKs with
 
 
@@ -76,9 +73,6 @@ class Rewriter(Protocol):
         """The response to forward (``data`` itself when nothing changes); raise Rejected."""
 
 
-HEALTH = "type.googleapis.com/istio.v1.HealthInformation"
-
-
 def health_request(mode: Mode, error: str | None) -> bytes:
     """The agent's report of the workload's health: error_detail (code 13) when unhealthy."""
     request: xds_pb2.DiscoveryRequest | xds_pb2.DeltaDiscoveryRequest
@@ -118,9 +112,6 @@ class NameTableInterceptor:
             except DecodeError as exc:
                 raise ValueError(f"cannot decode NameTable: {exc}") from exc
         self.table.update(value, version)
-
-
-PROXY_CONFIG = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"
 
 
 class ProxyConfigInterceptor:

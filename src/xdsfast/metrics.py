@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from xdsfast import route, wire
+from xdsfast import _ext, route
 
 PREFIX = "istio_agent_"
 
@@ -332,8 +332,10 @@ class Metrics:
             self.push_latency,
             Info(
                 "xdsfast_core",
-                "The wire peeker in use: cython (compiled) or python (the pure-Python twin).",
-                {"implementation": wire.IMPLEMENTATION},
+                "The compiled cores in use: cython (compiled) or python (the pure-Python twin),"
+                " for all (implementation: cython, python or mixed) and for each.",
+                {"implementation": _ext.summary()}
+                | {name.lstrip("_"): kind for name, kind in _ext.implementations().items()},
             ),
         ]
 

@@ -42,6 +42,7 @@ from xdsfast.engines import (
 )
 from xdsfast.intercept import Interceptor, Rewriter
 from xdsfast.metrics import Metrics
+from xdsfast.typeurls import LISTENER
 
 _log = log.scope("xdsproxy")
 
@@ -437,7 +438,7 @@ class Session(route.RouteCore):
                 self._first_request(data, request, debug)
             else:
                 self._to_istiod_now(data)
-            if not self.initial_requests_sent and request.type_url == intercept.LISTENER:
+            if not self.initial_requests_sent and request.type_url == LISTENER:
                 self.initial_requests_sent = True
                 for type_url in self.relay.interceptors:
                     self._to_istiod_now(intercept.subscribe(self.mode, type_url))

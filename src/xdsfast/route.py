@@ -1,27 +1,25 @@
 """The relay's per-message path, from the compiled ``xdsfast._route`` or its twin.
 
-Chosen as :mod:`xdsfast.wire` chooses the peeker: the twin when
-``XDSFAST_NO_EXTENSIONS`` is set or no compiled module can be imported.
+Chosen by the one switch, :mod:`xdsfast._ext`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from xdsfast import wire
+from xdsfast import _ext
 
 __all__ = ["IMPLEMENTATION", "ByteTotals", "Latencies", "RouteCore", "Tally", "TypeState"]
 
-if TYPE_CHECKING or wire.NO_EXTENSIONS:  # both have the same API; the twin is the reference
+if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast._route_py import ByteTotals, Latencies, RouteCore, Tally, TypeState
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from xdsfast._route import ByteTotals, Latencies, RouteCore, Tally, TypeState
-
-        IMPLEMENTATION = "cython"
-    except ImportError:  # no compiled module for this platform: the twin serves
-        from xdsfast._route_py import ByteTotals, Latencies, RouteCore, Tally, TypeState
-
-        IMPLEMENTATION = "python"
+    _impl = _ext.load("_route")
+    IMPLEMENTATION = _ext.implementation("_route")
+    ByteTotals = _impl.ByteTotals
+    Latencies = _impl.Latencies
+    RouteCore = _impl.RouteCore
+    Tally = _impl.Tally
+    TypeState = _impl.TypeState

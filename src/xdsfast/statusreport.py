@@ -16,11 +16,11 @@ import time
 from typing import Any
 
 from xdsfast.agentclient import AgentError, Endpoint, get
+from xdsfast.typeurls import NAME_TABLE
 
 WIDTH = 100
 MAX_JSON = 16 * 1024 * 1024  # /debug/xds and the metrics are kilobytes; a cap all the same
 MAX_NDSZ = 1 << 30  # /debug/ndsz is counted as it streams: ~35 MiB for 200 000 hosts
-_TYPE_PREFIX = "type.googleapis.com/"
 
 SHORT_TYPES = {
     "envoy.config.cluster.v3.Cluster": "CDS",
@@ -36,7 +36,6 @@ SHORT_TYPES = {
     "istio.mesh.v1alpha1.ProxyConfig": "PCDS",
 }
 _ORDER = ["CDS", "EDS", "LDS", "RDS", "SRDS", "VHDS", "ECDS", "SDS", "RTDS", "NDS", "PCDS", "WDS"]
-NAME_TABLE = _TYPE_PREFIX + "istio.networking.nds.v1.NameTable"
 
 # Counters shown on the summary lines: Prometheus name -> key in the snapshot.
 COUNTERS = {

@@ -7,10 +7,9 @@ wheel).  ``IMPLEMENTATION`` says which one is active.
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
 from typing import TYPE_CHECKING
 
+from xdsfast import _ext
 from xdsfast._errors import WireError
 
 __all__ = [
@@ -29,19 +28,7 @@ __all__ = [
     "varint",
 ]
 
-NO_EXTENSIONS = bool(os.environ.get("XDSFAST_NO_EXTENSIONS"))
-
-
-def _load() -> tuple[ModuleType, str]:
-    from xdsfast import _core_py
-
-    if NO_EXTENSIONS:
-        return _core_py, "python"
-    try:
-        from xdsfast import _core
-    except ImportError:  # no compiled core for this platform: the twin serves
-        return _core_py, "python"
-    return _core, "cython"
+NO_EXTENSIONS = _ext.NO_EXTENSIONS
 
 
 if TYPE_CHECKING:  # both have the same API; the twin is the reference
@@ -58,7 +45,8 @@ if TYPE_CHECKING:  # both have the same API; the twin is the reference
 
     IMPLEMENTATION = "python"
 else:
-    _impl, IMPLEMENTATION = _load()
+    _impl = _ext.load("_core")
+    IMPLEMENTATION = _ext.implementation("_core")
     RequestPeek = _impl.RequestPeek
     ResponsePeek = _impl.ResponsePeek
     DeltaRequestPeek = _impl.DeltaRequestPeek

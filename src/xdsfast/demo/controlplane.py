@@ -23,21 +23,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from xdsfast.typeurls import CLUSTER, LISTENER, NAME_TABLE, PROXY_CONFIG
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["sotw", "delta"]
 Request = Union[discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest]
 Response = Union[discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse]
 
-TYPE_PREFIX = "type.googleapis.com/"
-LISTENER = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
-ROUTE = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
-CLUSTER = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
-ENDPOINT = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-SECRET = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
-NAME_TABLE = TYPE_PREFIX + "istio.networking.nds.v1.NameTable"
-PROXY_CONFIG = TYPE_PREFIX + "istio.mesh.v1alpha1.ProxyConfig"
-EXTENSION_CONFIG = TYPE_PREFIX + "envoy.config.core.v3.TypedExtensionConfig"  # ECDS
 
 #: Types where an empty subscription means "everything" (SotW legacy wildcard).
 WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, NAME_TABLE, PROXY_CONFIG})

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from xdsfast.demo.backend import http_get
+from xdsfast.typeurls import PREFIX as TYPE_PREFIX
 
 DEFAULT_NODE_ID = "sidecar~127.0.0.1~demo.default~default.svc.cluster.local"
 _PR_SET_PDEATHSIG = 1
-_TYPE_PREFIX = "type.googleapis.com/"
 _POLL = 0.05
 
 
@@ -150,7 +150,7 @@ def _xds_cluster(address: dict[str, object]) -> dict[str, object]:
         },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _TYPE_PREFIX + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "@type": TYPE_PREFIX + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "common_http_protocol_options": {"max_requests_per_connection": 1},
                 "explicit_http_config": {"http2_protocol_options": {}},
             }

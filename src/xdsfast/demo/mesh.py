@@ -33,7 +33,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from xdsfast import nds_pb2
-from xdsfast.demo.controlplane import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE
+from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE
 
 LISTENER_NAME = "demo_listener"
 ROUTE_NAME = "local_route"

@@ -13,23 +13,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from xdsfast import __version__, dig, dnsreply, statusreport, wire
+from xdsfast import __version__, _ext, dig, dnsreply, statusreport
 from xdsfast.agent import Agent
 from xdsfast.agentclient import AgentError, parse_address
 from xdsfast.config import Config
 from xdsfast.demo import mesh
 from xdsfast.demo.adsclient import AdsClient, subscribe_all_and_ack
 from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.controlplane import NAME_TABLE, ROUTE, ControlPlane
+from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.demo.envoy import EnvoyProcess, listener_port
+from xdsfast.typeurls import NAME_TABLE, ROUTE, SHORT
 
-_SHORT = {
-    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS Cluster",
-    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "EDS Endpoints",
-    "type.googleapis.com/envoy.config.listener.v3.Listener": "LDS Listener",
-    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS RouteConfiguration",
-    NAME_TABLE: "NDS NameTable",
-}
 _DIG_NAME = "backend.default.svc.cluster.local"  # a host of mesh.sample_name_table()
 
 
@@ -80,7 +74,7 @@ class Demo:
         await self.agent.start()
         self.line(
             "xdsfast",
-            f"{__version__}, core {wire.IMPLEMENTATION}, engine {config.engine}: "
+            f"{__version__}, core {_ext.summary()}, engine {config.engine}: "
             f"unix:{socket_path} -> {self.control_plane.address}",
         )
 
@@ -143,7 +137,7 @@ class Demo:
             where = "consumed by xdsfast (DNS)" if sent.type_url == NAME_TABLE else "forwarded"
             self.line(
                 "relayed" if sent is self.control_plane.responses[0] else "",
-                f"{_SHORT.get(sent.type_url, sent.type_url)} v{sent.version}: "
+                f"{SHORT.get(sent.type_url, sent.type_url)} v{sent.version}: "
                 f"{len(sent.names) or 1} resource(s), {sent.size} B, {where}, {verdict}",
             )
         assert self.agent is not None
@@ -261,7 +255,7 @@ async def run_demo(*, check: bool, use_envoy: bool, delta: bool) -> int:
     """Run the demo; with ``check`` once, else until interrupted. Returns the exit code."""
     print(
         f"xdsfast demo: Envoy -> xdsfast -> an istiod stand-in, all on this machine "
-        f"(core: {wire.IMPLEMENTATION})"
+        f"(core: {_ext.summary()})"
     )
     demo = Demo(use_envoy=use_envoy, delta=delta, out=print)
     try:

@@ -21,25 +21,19 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from xdsfast import log, wire
+from xdsfast import _ext, log
 from xdsfast.dns.names import NameRules
 from xdsfast.dns.wire import CLASS_IN, TYPE_A, TYPE_AAAA
 from xdsfast.dns.wiretable import WireNameTable
 from xdsfast.nds_pb2 import NameTable
 
-if TYPE_CHECKING or wire.NO_EXTENSIONS:  # both have the same API; the twin is the reference
+if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast import _dnstable_py as _impl
 
     IMPLEMENTATION = "python"
 else:
-    try:
-        from xdsfast import _dnstable as _impl
-
-        IMPLEMENTATION = "cython"
-    except ImportError:  # no compiled module for this platform: the twin serves
-        from xdsfast import _dnstable_py as _impl
-
-        IMPLEMENTATION = "python"
+    _impl = _ext.load("_dnstable")
+    IMPLEMENTATION = _ext.implementation("_dnstable")
 
 CompiledTable = _impl.CompiledTable
 ROTATIONS = _impl.ROTATIONS

@@ -1,12 +1,24 @@
-"""Type URLs of the messages the Wasm conversion reads and writes."""
+"""Type URLs of the messages the Wasm conversion reads and writes (from :mod:`xdsfast.typeurls`)."""
 
 from __future__ import annotations
 
-_P = "type.googleapis.com/"
-EXTENSION_CONFIG = _P + "envoy.config.core.v3.TypedExtensionConfig"  # ECDS
-HTTP_WASM = _P + "envoy.extensions.filters.http.wasm.v3.Wasm"
-NETWORK_WASM = _P + "envoy.extensions.filters.network.wasm.v3.Wasm"
+from xdsfast.typeurls import (
+    EXTENSION_CONFIG,
+    HTTP_RBAC,
+    HTTP_WASM,
+    NETWORK_RBAC,
+    NETWORK_WASM,
+    TYPED_STRUCTS,
+)
+
+__all__ = [
+    "EXTENSION_CONFIG",
+    "HTTP_RBAC",
+    "HTTP_WASM",
+    "NETWORK_RBAC",
+    "NETWORK_WASM",
+    "TYPED_STRUCTS",
+    "WASM_TYPES",
+]
+
 WASM_TYPES = frozenset({HTTP_WASM, NETWORK_WASM})
-TYPED_STRUCTS = frozenset({_P + "udpa.type.v1.TypedStruct", _P + "xds.type.v3.TypedStruct"})
-HTTP_RBAC = _P + "envoy.extensions.filters.http.rbac.v3.RBAC"
-NETWORK_RBAC = _P + "envoy.extensions.filters.network.rbac.v3.RBAC"
