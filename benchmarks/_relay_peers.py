@@ -321,7 +321,7 @@ class ControlPlane:
     def cds_body(self, flavour: Flavour) -> bytes:
         """The storm's CDS body (4000 Istio-like clusters, ~5 MB), built once per flavour."""
         if flavour.delta not in self._cds_body:
-            from xdsfast.demo import mesh
+            from xdsfast.peers import mesh
 
             clusters = list(mesh.big_cds(4000).items())
             self._cds_body[flavour.delta] = flavour.body(CDS, clusters)
@@ -342,7 +342,7 @@ class ControlPlane:
             size = len(flavour.stamp(self._big[flavour.delta][0], 0))
         else:  # SMALL and BURST: the same EDS bodies, each message stamped with its own nonce
             if flavour.delta not in self._small:
-                from xdsfast.demo import mesh
+                from xdsfast.peers import mesh
 
                 self._small[flavour.delta] = [
                     flavour.body(EDS, [(mesh.big_cluster_name(i), mesh.small_eds(i))])

@@ -625,8 +625,8 @@ async def _side_by_side(
 ) -> dict[str, dict[str, float]]:
     import random
 
-    from xdsfast.demo.adsclient import AdsClient
-    from xdsfast.demo.controlplane import ControlPlane
+    from xdsfast.peers.adsclient import AdsClient
+    from xdsfast.peers.controlplane import ControlPlane
     from xdsfast.typeurls import LISTENER, NAME_TABLE
 
     rng = random.Random(1)

@@ -48,7 +48,7 @@ def big_response(size: int = SIZE) -> bytes:
     """
     from envoy.service.discovery.v3 import discovery_pb2 as pb
 
-    from xdsfast.demo import mesh
+    from xdsfast.peers import mesh
 
     response = pb.DiscoveryResponse()
     for cluster in mesh.big_cds(DISTINCT_CLUSTERS).values():

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from envoy.service.discovery.v3 import discovery_pb2 as pb
 
-from xdsfast.demo import mesh
+from xdsfast.peers import mesh
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"

@@ -28,9 +28,9 @@ from pathlib import Path
 from dnslib import DNSRecord
 
 from xdsfast import nds_pb2
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient, StreamClosed
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient, StreamClosed
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

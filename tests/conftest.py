@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from twins import PARAMS, Cores
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.backend import Backend
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.backend import Backend
+from xdsfast.peers.controlplane import ControlPlane
 
 
 def pytest_asyncio_loop_factories(
@@ -31,6 +32,13 @@ def pytest_asyncio_loop_factories(
     import uvloop
 
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=PARAMS)
+def twins(request: pytest.FixtureRequest) -> Cores:
+    """The pure-Python twins, then (where built) the compiled cores: tests/twins.py."""
+    cores: Cores = request.param
+    return cores
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import time
 import pytest
 
 from xdsfast.agent import Agent
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.backend import DEFAULT_BODY, Backend, http_get
-from xdsfast.demo.controlplane import ControlPlane, Recorded
-from xdsfast.demo.envoy import DEFAULT_NODE_ID, EnvoyProcess, listener_port
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.backend import DEFAULT_BODY, Backend, http_get
+from xdsfast.peers.controlplane import ControlPlane, Recorded
+from xdsfast.peers.envoy import DEFAULT_NODE_ID, EnvoyProcess, listener_port
 from xdsfast.typeurls import LISTENER, ROUTE
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]

@@ -17,8 +17,8 @@ from conftest import XdsfastFactory
 
 import xdsfast
 from xdsfast import _ext, wire
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER
 
 

@@ -54,8 +54,8 @@ from istio_peers import (
 from pki import Authority
 from support import free_port
 
-from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.envoy import find_envoy, listener_port
+from xdsfast.peers.backend import Backend, http_get
+from xdsfast.peers.envoy import find_envoy, listener_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "injection-template.yaml"

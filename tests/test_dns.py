@@ -30,11 +30,11 @@ from google.protobuf import any_pb2
 from xdsfast import cli, nds_pb2
 from xdsfast.agent import Agent
 from xdsfast.config import Config, ConfigError
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.dns import table as table_module
 from xdsfast.dns.server import DnsServer
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import LISTENER, NAME_TABLE
 
 Info = nds_pb2.NameTable.NameInfo

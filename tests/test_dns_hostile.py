@@ -39,12 +39,12 @@ from test_dns import (
     start_dns,
 )
 
-from xdsfast.demo import mesh
 from xdsfast.dns import server as dns_server
 from xdsfast.dns.handler import Handler
 from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.table import DnsTable
 from xdsfast.metrics import Metrics
+from xdsfast.peers import mesh
 
 __all__ = ["fed", "start_dns"]  # fixtures, imported for pytest
 

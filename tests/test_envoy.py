@@ -8,10 +8,10 @@ import pytest
 from conftest import XdsfastFactory
 from support import MODES, envoy_scenario, free_port, needs_envoy
 
-from xdsfast.demo import mesh
-from xdsfast.demo.backend import Backend
-from xdsfast.demo.controlplane import ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.peers import mesh
+from xdsfast.peers.backend import Backend
+from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.envoy import EnvoyProcess
 from xdsfast.typeurls import NAME_TABLE
 
 pytestmark = [pytest.mark.envoy, needs_envoy]

@@ -36,10 +36,10 @@ from google.protobuf import any_pb2, struct_pb2
 from support import MODES, free_port, needs_envoy
 
 from xdsfast import wire
-from xdsfast.demo import mesh
-from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.controlplane import ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.peers import mesh
+from xdsfast.peers.backend import Backend, http_get
+from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.envoy import EnvoyProcess
 from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE
 
 pytestmark = [pytest.mark.envoy, needs_envoy]

@@ -23,11 +23,11 @@ import pytest_asyncio
 from conftest import XdsfastFactory, XdsfastProcess
 from support import free_port
 
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient, StreamClosed
-from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.engines import SERVICE, Downstream, Mode, Status, StreamError, fast
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient, StreamClosed
+from xdsfast.peers.backend import http_get
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER
 
 core: Any = vars(fast)["_h2"]  # the engine's core, compiled or twin, as it chose

@@ -13,10 +13,10 @@ import pytest_asyncio
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.health import HealthChecker, Probe, ProbeError, check, probe_from_config
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER, HEALTH, LISTENER
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]

@@ -16,8 +16,8 @@ from google.protobuf import any_pb2
 
 from xdsfast import heap
 from xdsfast.config import Config, ConfigError
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.periodic import Periodic
 
 glibc_only = pytest.mark.skipif(not heap.supported(), reason="the policy is glibc's")

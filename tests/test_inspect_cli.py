@@ -33,12 +33,12 @@ from support import free_port, needs_envoy
 from xdsfast import dnsreply, statusreport, wire
 from xdsfast.agent import Agent
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.controlplane import ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess
 from xdsfast.dns.wire import MAX_POINTERS, WireError
 from xdsfast.nds_pb2 import NameTable
+from xdsfast.peers import mesh
+from xdsfast.peers.backend import Backend, http_get
+from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.envoy import EnvoyProcess
 from xdsfast.status import name_table_pieces
 from xdsfast.typeurls import CLUSTER, NAME_TABLE, ROUTE
 

@@ -70,9 +70,9 @@ from istio_peers import (
 from support import free_port
 
 from xdsfast import nds_pb2
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.backend import http_get
 from xdsfast.dns.names import NameRules, build_lookup
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.backend import http_get
 from xdsfast.typeurls import CLUSTER, LISTENER
 
 # The peers' build is fixture set-up (minutes when cold): the timeout covers the test only.

@@ -39,8 +39,8 @@ from istio_peers import (
 )
 from support import MODES, free_port, needs_envoy
 
-from xdsfast.demo.backend import http_get
-from xdsfast.demo.envoy import listener_port
+from xdsfast.peers.backend import http_get
+from xdsfast.peers.envoy import listener_port
 
 # The peers' build is fixture set-up (minutes when cold): the timeout covers the test only.
 pytestmark = [pytest.mark.envoy, needs_envoy, pytest.mark.timeout(150, func_only=True)]

@@ -26,7 +26,7 @@ import pytest_asyncio
 from conftest import XdsfastFactory
 from istio_peers import YAML_DIR, IstiodFake, Peers, peers, start_istiod_fake
 
-from xdsfast.demo.backend import http_get
+from xdsfast.peers.backend import http_get
 from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 # The peers' build is fixture set-up (minutes when cold): the timeout covers the test only.

@@ -32,9 +32,9 @@ from istio_peers import (
 )
 from support import MODES, free_port
 
-from xdsfast.demo.adsclient import AdsClient, Request
-from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import ControlPlane, Recorded
+from xdsfast.peers.adsclient import AdsClient, Request
+from xdsfast.peers.backend import http_get
+from xdsfast.peers.controlplane import ControlPlane, Recorded
 from xdsfast.typeurls import CLUSTER, LISTENER, NAME_TABLE
 
 TWINS = [pytest.param({}, id="compiled"), pytest.param({"XDSFAST_NO_EXTENSIONS": "1"}, id="twin")]

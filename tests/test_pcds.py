@@ -10,9 +10,9 @@ from google.protobuf import any_pb2
 from xdsfast import xds_pb2
 from xdsfast.agent import Agent
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER, LISTENER, PROXY_CONFIG
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]

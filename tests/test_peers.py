@@ -17,11 +17,11 @@ from google.protobuf import any_pb2
 from support import MODES, acks, body_becomes, envoy_scenario, free_port, needs_envoy
 
 from xdsfast import nds_pb2
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient, Response, subscribe_all_and_ack
-from xdsfast.demo.backend import DEFAULT_BODY, Backend, http_get
-from xdsfast.demo.controlplane import ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient, Response, subscribe_all_and_ack
+from xdsfast.peers.backend import DEFAULT_BODY, Backend, http_get
+from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.envoy import EnvoyProcess
 from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE, ROUTE
 
 

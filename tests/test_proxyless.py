@@ -17,8 +17,8 @@ import grpc
 import pytest_asyncio
 from conftest import XdsfastFactory
 
-from xdsfast.demo import mesh
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers import mesh
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import LISTENER
 
 METHOD = "/xdsfast.test.Echo/Say"

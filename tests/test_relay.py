@@ -16,10 +16,10 @@ from support import connect, socket_of
 from xdsfast import xds_pb2
 from xdsfast.agent import Agent
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient, StreamClosed
-from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.engines import SERVICE, Mode
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient, StreamClosed
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, NAME_TABLE
 
 MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
@@ -218,7 +218,7 @@ async def test_requests_are_forwarded_verbatim(
 
 
 def mesh_node_id() -> str:
-    from xdsfast.demo.adsclient import default_node
+    from xdsfast.peers.adsclient import default_node
 
     return str(default_node().id)
 

@@ -15,14 +15,14 @@ from conftest import XdsfastFactory
 
 from xdsfast import typeurls, xds_pb2
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.dns import server as dns_server
 from xdsfast.dns.handler import Handler
 from xdsfast.dns.metrics import DnsMetrics
 from xdsfast.dns.table import DnsTable
 from xdsfast.metrics import Metrics
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER, LISTENER, NAME_TABLE
 
 # ----- DNS: not an open resolver --------------------------------------------------------

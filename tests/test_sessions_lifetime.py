@@ -33,8 +33,8 @@ from google.protobuf import any_pb2
 
 from xdsfast import heap, log
 from xdsfast.agent import Agent
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.relay import Session
 from xdsfast.typeurls import CLUSTER, LISTENER
 

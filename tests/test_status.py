@@ -24,11 +24,11 @@ from support import connect
 
 from xdsfast import _ext
 from xdsfast.agent import Agent
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient, Response
-from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import ControlPlane
 from xdsfast.nds_pb2 import NameTable
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient, Response
+from xdsfast.peers.backend import http_get
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.status import PROMETHEUS_CONTENT_TYPE, StatusServer, is_loopback
 from xdsfast.typeurls import CLUSTER, LISTENER, NAME_TABLE
 

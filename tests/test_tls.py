@@ -19,8 +19,8 @@ from pki import Authority
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config, TlsFiles
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.controlplane import ControlPlane
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER
 
 ISTIOD = "istiod.istio-system.svc"

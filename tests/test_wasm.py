@@ -35,14 +35,14 @@ from udpa.type.v1 import typed_struct_pb2
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient
-from xdsfast.demo.backend import http_get
-from xdsfast.demo.controlplane import ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess
 from xdsfast.engines import Mode
 from xdsfast.intercept import Rejected
 from xdsfast.metrics import Metrics
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient
+from xdsfast.peers.backend import http_get
+from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.envoy import EnvoyProcess
 from xdsfast.typeurls import CLUSTER, EXTENSION_CONFIG, LISTENER
 from xdsfast.wasm import build_rewriter, wasm_pb2
 from xdsfast.wasm.cache import ModuleCache, module_path

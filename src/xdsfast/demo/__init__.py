@@ -1,10 +1,4 @@
-"""Real xDS peers for xdsfast's demo and tests.
+"""``xdsfast demo``: an istiod stand-in, xdsfast and a real Envoy end to end (:mod:`.run`).
 
-- :mod:`.controlplane`: an istiod stand-in (ADS server, SotW and delta).
-- :mod:`.mesh`: sample Envoy resources (listener, route, cluster, endpoints, NameTable).
-- :mod:`.envoy`: launches a real Envoy sidecar pointed at an ADS address.
-- :mod:`.adsclient`: a scripted ADS client, for tests and Envoy-less demos.
-- :mod:`.backend`: a tiny HTTP/1.1 backend and an HTTP GET helper.
-
-They are package code (not test helpers) because ``xdsfast demo`` runs them too.
+The peers it runs live in :mod:`xdsfast.peers`, shared with the tests and benchmarks.
 """

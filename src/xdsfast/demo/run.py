@@ -17,11 +17,11 @@ from xdsfast import __version__, _ext, dig, dnsreply, statusreport
 from xdsfast.agent import Agent
 from xdsfast.agentclient import AgentError, parse_address
 from xdsfast.config import Config
-from xdsfast.demo import mesh
-from xdsfast.demo.adsclient import AdsClient, subscribe_all_and_ack
-from xdsfast.demo.backend import Backend, http_get
-from xdsfast.demo.controlplane import ControlPlane
-from xdsfast.demo.envoy import EnvoyProcess, listener_port
+from xdsfast.peers import mesh
+from xdsfast.peers.adsclient import AdsClient, subscribe_all_and_ack
+from xdsfast.peers.backend import Backend, http_get
+from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.envoy import EnvoyProcess, listener_port
 from xdsfast.typeurls import NAME_TABLE, ROUTE, SHORT
 
 _DIG_NAME = "backend.default.svc.cluster.local"  # a host of mesh.sample_name_table()

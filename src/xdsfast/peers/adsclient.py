@@ -23,7 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from xdsfast.demo.envoy import DEFAULT_NODE_ID
+from xdsfast.peers.envoy import DEFAULT_NODE_ID
 from xdsfast.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 Request = Union[discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest]

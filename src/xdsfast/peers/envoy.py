@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xdsfast.demo.backend import http_get
+from xdsfast.peers.backend import http_get
 from xdsfast.typeurls import PREFIX as TYPE_PREFIX
 
 DEFAULT_NODE_ID = "sidecar~127.0.0.1~demo.default~default.svc.cluster.local"
