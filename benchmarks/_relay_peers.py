@@ -229,71 +229,17 @@ def write_tls_files(directory: Path) -> tuple[bytes, bytes]:
 
     Writes the CA to ``directory/root-cert.pem`` (what xdsfast's XDS_ROOT_CA and the
     direct-tls client trust) and the key and certificate next to it (for the logs);
-    returns (key, certificate chain) as PEM for the server.
+    returns (key, certificate chain) as PEM for the server.  ImportError without the
+    ``cryptography`` package (the bench extra), which the TLS rows report.
     """
-    import datetime
-    import ipaddress
+    from xdsfast.peers.pki import Authority  # lazily: only the TLS rows need cryptography
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2))
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay-bench root")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0])
-        .not_valid_after(valid[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(TLS_SERVER_NAME), x509.DNSName("localhost")]
-    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "istiod")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0])
-        .not_valid_after(valid[1])
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    cert_pem = leaf.public_bytes(pem)
+    authority = Authority("relay-bench root")
+    server = authority.issue("istiod", dns=(TLS_SERVER_NAME, "localhost"), ips=("127.0.0.1",))
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / ROOT_CERT).write_bytes(ca.public_bytes(pem))
-    (directory / "server-cert.pem").write_bytes(cert_pem)
-    key_path = directory / "server-key.pem"
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key_pem)
-    return key_pem, cert_pem
+    (directory / ROOT_CERT).write_bytes(authority.pem)
+    server.write(directory, "server")
+    return server.key, server.cert
 
 
 # ----- control plane ------------------------------------------------------------------

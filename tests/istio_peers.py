@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format, struct_pb2
-from pki import Authority
 from support import free_port
 
 from xdsfast.peers.backend import http_get
 from xdsfast.peers.envoy import EnvoyProcess, _die_with_parent, _xds_cluster, bootstrap
+from xdsfast.peers.pki import Authority
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "scripts" / "build-istio-peers"

@@ -51,11 +51,11 @@ from istio_peers import (
     peers,
     start_istiod_fake,
 )
-from pki import Authority
 from support import free_port
 
 from xdsfast.peers.backend import Backend, http_get
 from xdsfast.peers.envoy import find_envoy, listener_port
+from xdsfast.peers.pki import Authority
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "injection-template.yaml"

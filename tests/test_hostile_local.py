@@ -20,13 +20,13 @@ import grpc
 import pytest
 import pytest_asyncio
 from conftest import AgentFactory, XdsfastFactory, XdsfastProcess
-from pki import Authority
 
 from xdsfast import status as status_module
 from xdsfast.nds_pb2 import NameTable
 from xdsfast.peers.adsclient import AdsClient
 from xdsfast.peers.backend import http_get
 from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.pki import Authority
 from xdsfast.status import StatusServer, _json, name_table_json
 from xdsfast.typeurls import CLUSTER
 

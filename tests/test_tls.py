@@ -15,12 +15,12 @@ import grpc
 import pytest
 import pytest_asyncio
 from conftest import AgentFactory, XdsfastFactory
-from pki import Authority
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config, TlsFiles
 from xdsfast.peers.adsclient import AdsClient
 from xdsfast.peers.controlplane import ControlPlane
+from xdsfast.peers.pki import Authority
 from xdsfast.typeurls import CLUSTER
 
 ISTIOD = "istiod.istio-system.svc"

@@ -1,4 +1,13 @@
-"""A throw-away PKI for TLS tests: CAs and leaf certificates made with ``cryptography``."""
+"""A throw-away PKI: a CA and the leaf certificates it signs, made at run time.
+
+The tests' TLS peers and the relay benchmark's TLS rows share it.  It needs the
+``cryptography`` package, which only the ``test`` and ``bench`` extras install, so
+import it where those run (tests, benchmarks), never from the agent or the demo.
+
+The CA carries a subject key identifier and each leaf the matching authority key
+identifier: OpenSSL's strict verification (Python 3.13's default contexts) and Go's
+crypto/x509 (the stock pilot-agent) then both accept the chain.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +21,32 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+__all__ = ["Authority", "Issued"]
+
 
 @dataclass(frozen=True)
 class Issued:
+    """A leaf's private key (PKCS#8) and certificate, both PEM."""
+
     key: bytes
     cert: bytes
 
     def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
+        """``stem-key.pem`` (mode 0600, as a real key would be) and ``stem-cert.pem``."""
         key, cert = directory / f"{stem}-key.pem", directory / f"{stem}-cert.pem"
+        key.touch(mode=0o600)
         key.write_bytes(self.key)
         cert.write_bytes(self.cert)
         return key, cert
 
 
 class Authority:
-    """A CA that signs server and client certificates."""
+    """A self-signed CA that signs server and client certificates."""
 
     def __init__(self, name: str) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self._key_id = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
         now = _now()
         self.cert = (
             x509.CertificateBuilder()
@@ -55,11 +71,13 @@ class Authority:
                 ),
                 critical=True,
             )
+            .add_extension(self._key_id, critical=False)
             .sign(self.key, hashes.SHA256())
         )
 
     @property
     def pem(self) -> bytes:
+        """The CA certificate, PEM: what a peer trusts."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(
@@ -71,6 +89,11 @@ class Authority:
         client: bool = False,
         expired: bool = False,
     ) -> Issued:
+        """A leaf for ``common_name`` with ``dns``/``ips`` as its SANs.
+
+        Server authentication unless ``client``; ``expired`` makes one whose validity
+        ended yesterday (to test that peers refuse it).
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         start, end = (
@@ -90,6 +113,10 @@ class Authority:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._key_id),
+                critical=False,
+            )
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
