@@ -30,6 +30,24 @@ XDS_HEADER_PREFIX = "XDS_HEADER_"
 LOG_LEVELS = ("debug", "info", "warn", "error", "none")
 LOG_FORMATS = ("text", "json")
 
+# Every other default, named once: Config's fields, Config.build and the modules that
+# take these settings (engines, wasm.cache) all use these names.
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+DEFAULT_DNS_FORWARD_TIMEOUT = 5.0  # DNS_FORWARD_TIMEOUT, seconds per upstream server
+# Istio's gRPC options, for Envoy's side and (keepalive) for istiod's
+DEFAULT_MAX_RECV_MSG_SIZE = 4 << 20  # ISTIO_GPRC_MAXRECVMSGSIZE: 4 MiB
+DEFAULT_MAX_CONCURRENT_STREAMS = 100_000  # ISTIO_GPRC_MAXSTREAMS
+DEFAULT_KEEPALIVE_INTERVAL = 30.0  # GRPC_KEEPALIVE_INTERVAL, seconds
+DEFAULT_KEEPALIVE_TIMEOUT = 10.0  # GRPC_KEEPALIVE_TIMEOUT, seconds
+DEFAULT_HEAP_RELEASE_INTERVAL = 5.0  # XDSFAST_HEAP_RELEASE_INTERVAL, seconds
+# The Wasm module cache and its downloads
+DEFAULT_WASM_CACHE_DIR = "/var/lib/istio/data"  # --wasm-cache-dir
+DEFAULT_WASM_MODULE_EXPIRY = 24 * 3600.0  # WASM_MODULE_EXPIRY: a day unused, then deleted
+DEFAULT_WASM_PURGE_INTERVAL = 3600.0  # WASM_PURGE_INTERVAL: how often expiry is checked
+DEFAULT_WASM_HTTP_REQUEST_TIMEOUT = 15.0  # WASM_HTTP_REQUEST_TIMEOUT, seconds per attempt
+DEFAULT_WASM_HTTP_MAX_RETRIES = 5  # WASM_HTTP_REQUEST_MAX_RETRIES, attempts per fetch
+DEFAULT_WASM_MAX_BINARY_SIZE = 256 << 20  # ISTIO_WASM_MAX_BINARY_SIZE_BYTES: 256 MiB
+
 
 class ConfigError(ValueError):
     """A flag or environment value that cannot be used."""
@@ -59,12 +77,12 @@ class Config:
     xds_listen: str | None = None
     dns_enabled: bool = False
     dns_address: str = DEFAULT_DNS_ADDRESS
-    resolv_conf: str = "/etc/resolv.conf"
+    resolv_conf: str = DEFAULT_RESOLV_CONF
     dns_upstreams: tuple[str, ...] = ()  # --dns-upstream IP:PORT; empty: resolv.conf's
     dns_forward_parallel: bool = False  # DNS_FORWARD_PARALLEL
     # XDSFAST_DNS_FORWARD_REMOTE: forward for non-loopback clients too (else REFUSED)
     dns_forward_remote: bool = False
-    dns_forward_timeout: float = 5.0  # DNS_FORWARD_TIMEOUT, per upstream server
+    dns_forward_timeout: float = DEFAULT_DNS_FORWARD_TIMEOUT
     # XDSFAST_NODE_DNS_CAPTURE: with DNS on, the node of each stream's first request gets
     # DNS_CAPTURE and DNS_PROXY_ADDR (pilot-agent's DNS, which would set them, is off)
     node_dns_capture: bool = True
@@ -75,10 +93,10 @@ class Config:
     log_format: str = "text"
     cluster_id: str = ""
     xds_headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    max_recv_msg_size: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 100_000
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
+    max_recv_msg_size: int = DEFAULT_MAX_RECV_MSG_SIZE
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     grpc_bootstrap: str | None = None  # where to write the proxyless gRPC bootstrap, if at all
     tls: TlsFiles | None = None  # None: plaintext to istiod
     token_path: str = DEFAULT_TOKEN_PATH
@@ -90,15 +108,15 @@ class Config:
     engine: str = "fast"  # --engine / XDSFAST_ENGINE: the transport, "fast" or "grpcio"
     # XDSFAST_HEAP_RELEASE_INTERVAL: freed buffers are kept for the next push and given back
     # this often (seconds); 0 (or glibc malloc tuned through its own variables): glibc's policy
-    heap_release_interval: float = 5.0
+    heap_release_interval: float = DEFAULT_HEAP_RELEASE_INTERVAL
     # ECDS Wasm conversion (Istio's env vars; the cache directory also --wasm-cache-dir)
     wasm_conversion: bool = True  # ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION
-    wasm_cache_dir: str = "/var/lib/istio/data"
-    wasm_module_expiry: float = 24 * 3600.0  # WASM_MODULE_EXPIRY
-    wasm_purge_interval: float = 3600.0  # WASM_PURGE_INTERVAL
-    wasm_http_request_timeout: float = 15.0  # WASM_HTTP_REQUEST_TIMEOUT, per attempt
-    wasm_http_max_retries: int = 5  # WASM_HTTP_REQUEST_MAX_RETRIES, attempts per fetch
-    wasm_max_binary_size: int = 256 * 1024 * 1024  # ISTIO_WASM_MAX_BINARY_SIZE_BYTES
+    wasm_cache_dir: str = DEFAULT_WASM_CACHE_DIR
+    wasm_module_expiry: float = DEFAULT_WASM_MODULE_EXPIRY
+    wasm_purge_interval: float = DEFAULT_WASM_PURGE_INTERVAL
+    wasm_http_request_timeout: float = DEFAULT_WASM_HTTP_REQUEST_TIMEOUT
+    wasm_http_max_retries: int = DEFAULT_WASM_HTTP_MAX_RETRIES
+    wasm_max_binary_size: int = DEFAULT_WASM_MAX_BINARY_SIZE
     wasm_insecure_registries: tuple[str, ...] = ()  # WASM_INSECURE_REGISTRIES ("*": all)
     wasm_blocked_cidrs: tuple[str, ...] = ()  # BLOCKED_CIDRS_IN_WASM_FETCH
 
@@ -150,11 +168,11 @@ class Config:
             xds_listen=xds_listen or None,
             dns_enabled=bool(dns_enabled),
             dns_address=dns_address,
-            resolv_conf=_first(flags.get("resolv_conf"), None, "/etc/resolv.conf"),
+            resolv_conf=_first(flags.get("resolv_conf"), None, DEFAULT_RESOLV_CONF),
             dns_upstreams=dns_upstreams,
             dns_forward_parallel=_bool(env, "DNS_FORWARD_PARALLEL"),
             dns_forward_remote=_bool(env, "XDSFAST_DNS_FORWARD_REMOTE"),
-            dns_forward_timeout=_duration(env, "DNS_FORWARD_TIMEOUT", 5.0),
+            dns_forward_timeout=_duration(env, "DNS_FORWARD_TIMEOUT", DEFAULT_DNS_FORWARD_TIMEOUT),
             node_dns_capture=env.get("XDSFAST_NODE_DNS_CAPTURE", "") == ""
             or _bool(env, "XDSFAST_NODE_DNS_CAPTURE"),
             pod_namespace=pod_namespace,
@@ -164,10 +182,14 @@ class Config:
             log_format=log_format,
             cluster_id=env.get("ISTIO_META_CLUSTER_ID", ""),
             xds_headers=xds_headers(env),
-            max_recv_msg_size=_int(env, "ISTIO_GPRC_MAXRECVMSGSIZE", 4 * 1024 * 1024),
-            max_concurrent_streams=_int(env, "ISTIO_GPRC_MAXSTREAMS", 100_000),
-            keepalive_interval=_duration(env, "GRPC_KEEPALIVE_INTERVAL", 30.0),
-            keepalive_timeout=_duration(env, "GRPC_KEEPALIVE_TIMEOUT", 10.0),
+            max_recv_msg_size=_int(env, "ISTIO_GPRC_MAXRECVMSGSIZE", DEFAULT_MAX_RECV_MSG_SIZE),
+            max_concurrent_streams=_int(
+                env, "ISTIO_GPRC_MAXSTREAMS", DEFAULT_MAX_CONCURRENT_STREAMS
+            ),
+            keepalive_interval=_duration(
+                env, "GRPC_KEEPALIVE_INTERVAL", DEFAULT_KEEPALIVE_INTERVAL
+            ),
+            keepalive_timeout=_duration(env, "GRPC_KEEPALIVE_TIMEOUT", DEFAULT_KEEPALIVE_TIMEOUT),
             grpc_bootstrap=_first(
                 flags.get("grpc_bootstrap"),
                 env.get("GRPC_XDS_BOOTSTRAP"),
@@ -184,12 +206,18 @@ class Config:
             heap_release_interval=_heap_release_interval(env),
             wasm_conversion=env.get("ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", "") == ""
             or _bool(env, "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"),
-            wasm_cache_dir=_first(flags.get("wasm_cache_dir"), None, "/var/lib/istio/data"),
-            wasm_module_expiry=_duration(env, "WASM_MODULE_EXPIRY", 24 * 3600.0),
-            wasm_purge_interval=_duration(env, "WASM_PURGE_INTERVAL", 3600.0),
-            wasm_http_request_timeout=_duration(env, "WASM_HTTP_REQUEST_TIMEOUT", 15.0),
-            wasm_http_max_retries=_int(env, "WASM_HTTP_REQUEST_MAX_RETRIES", 5),
-            wasm_max_binary_size=_int(env, "ISTIO_WASM_MAX_BINARY_SIZE_BYTES", 256 * 1024 * 1024),
+            wasm_cache_dir=_first(flags.get("wasm_cache_dir"), None, DEFAULT_WASM_CACHE_DIR),
+            wasm_module_expiry=_duration(env, "WASM_MODULE_EXPIRY", DEFAULT_WASM_MODULE_EXPIRY),
+            wasm_purge_interval=_duration(env, "WASM_PURGE_INTERVAL", DEFAULT_WASM_PURGE_INTERVAL),
+            wasm_http_request_timeout=_duration(
+                env, "WASM_HTTP_REQUEST_TIMEOUT", DEFAULT_WASM_HTTP_REQUEST_TIMEOUT
+            ),
+            wasm_http_max_retries=_int(
+                env, "WASM_HTTP_REQUEST_MAX_RETRIES", DEFAULT_WASM_HTTP_MAX_RETRIES
+            ),
+            wasm_max_binary_size=_int(
+                env, "ISTIO_WASM_MAX_BINARY_SIZE_BYTES", DEFAULT_WASM_MAX_BINARY_SIZE
+            ),
             wasm_insecure_registries=_list(env, "WASM_INSECURE_REGISTRIES"),
             wasm_blocked_cidrs=_cidrs(env, "BLOCKED_CIDRS_IN_WASM_FETCH"),
         )
@@ -360,7 +388,9 @@ def _duration(
 
 def _heap_release_interval(env: Mapping[str, str]) -> float:
     """0 when the operator tuned glibc's malloc themselves: their settings stand."""
-    interval = _duration(env, "XDSFAST_HEAP_RELEASE_INTERVAL", 5.0, zero_allowed=True)
+    interval = _duration(
+        env, "XDSFAST_HEAP_RELEASE_INTERVAL", DEFAULT_HEAP_RELEASE_INTERVAL, zero_allowed=True
+    )
     return 0.0 if heap.operator_tuned(env) else interval
 
 

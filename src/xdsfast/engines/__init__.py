@@ -11,7 +11,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from xdsfast.config import TlsFiles
+from xdsfast.config import (
+    DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_RECV_MSG_SIZE,
+    TlsFiles,
+)
 
 
 class Code(enum.IntEnum):
@@ -138,10 +144,10 @@ StreamHandler = Callable[[Downstream, Mode], Awaitable[Status]]
 class ServerSettings:
     """Istio's downstream server options, whichever engine serves Envoy."""
 
-    max_recv_msg_size: int = 4 * 1024 * 1024
-    max_concurrent_streams: int = 100_000
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
+    max_recv_msg_size: int = DEFAULT_MAX_RECV_MSG_SIZE
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -152,5 +158,5 @@ class DialSettings:
     tls: TlsFiles | None = None  # None: plaintext
     token_path: str | None = None
     connect_timeout: float = 5.0
-    keepalive_interval: float = 30.0
-    keepalive_timeout: float = 10.0
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xdsfast import log
+from xdsfast.config import DEFAULT_WASM_MODULE_EXPIRY, DEFAULT_WASM_PURGE_INTERVAL
 from xdsfast.periodic import Periodic
 from xdsfast.wasm.fetch import FetchError, FetchSettings, fetch
 from xdsfast.wasm.metrics import WasmMetrics
 
 _log = log.scope("wasm")
-
-DEFAULT_DIR = "/var/lib/istio/data"
 
 Fetcher = Callable[[str, float, FetchSettings], Awaitable[bytes]]
 
@@ -62,8 +61,8 @@ class ModuleCache:
         settings: FetchSettings,
         metrics: WasmMetrics,
         *,
-        expiry: float = 24 * 3600.0,
-        purge_interval: float = 3600.0,
+        expiry: float = DEFAULT_WASM_MODULE_EXPIRY,
+        purge_interval: float = DEFAULT_WASM_PURGE_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         fetcher: Fetcher = fetch,
     ) -> None:
