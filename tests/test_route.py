@@ -6,7 +6,6 @@ a malformed message, the agent's first LDS request)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from bisect import bisect_left
 from types import ModuleType
@@ -60,11 +59,10 @@ def session(impl: ModuleType, core: ModuleType, mode: Mode) -> Any:
             super().__init__(
                 Metrics(),
                 Side(),
+                mode,
                 core.peek_request if sotw else core.peek_delta_request,
                 core.peek_response if sotw else core.peek_delta_response,
             )
-            self.mode = mode
-            self.requests: asyncio.Queue[bytes] = asyncio.Queue()
 
         def _state(self, type_url: str) -> Any:
             state = self.types[type_url] = State(self.metrics.xds_bytes.of(type_url))

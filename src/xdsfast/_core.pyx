@@ -4,7 +4,8 @@ protobuf wire bytes, without decoding the message.
 
 Mirrors ``_core_py.py`` rule for rule.  Every read is checked against the end
 of the buffer explicitly (``_varint`` and the length checks in ``_scan``), which
-is why Cython's own bounds checks are off.
+is why Cython's own bounds checks are off.  Fields, constants, the inline helpers
+and every cdef signature are declared in ``_core.pxd``.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
@@ -14,16 +15,6 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp
 
 from xdsfast._errors import WireError
-
-cdef enum:
-    MAX_DEPTH = 100  # protobuf's own recursion limit, applied to nested groups
-    TYPE_URL_CACHE = 32
-
-# Field actions, as in _core_py: kind in the high nibble, slot in the low one.
-cdef enum:
-    A_STR = 0x10
-    A_CNT = 0x20
-    A_HAS = 0x30
 
 cdef uint8_t REQUEST[16]
 cdef uint8_t RESPONSE[16]
@@ -43,27 +34,7 @@ _fill(DELTA_REQUEST, (0, A_HAS | 0, A_STR | 1, A_CNT | 0, A_CNT | 1, 0, A_STR | 
 _fill(DELTA_RESPONSE, (0, A_STR | 0, A_CNT | 0, 0, A_STR | 1, A_STR | 2, A_CNT | 1))
 
 
-cdef struct Scan:
-    Py_ssize_t start[3]
-    Py_ssize_t length[3]
-    Py_ssize_t count[2]
-    bint has[2]
-
-
-# Error codes of the scanner; turned into WireError messages by _raise.
-cdef enum:
-    E_OK = 0
-    E_VARINT_TRUNCATED
-    E_VARINT_LONG
-    E_TAG_RANGE
-    E_FIELD_ZERO
-    E_LENGTH
-    E_PAST_END
-    E_DEPTH
-    E_GROUP
-    E_UNTERMINATED
-    E_WIRE_TYPE
-
+# Error codes (E_*, _core.pxd) as WireError messages.
 _MESSAGES = {
     E_VARINT_TRUNCATED: "truncated varint",
     E_VARINT_LONG: "varint longer than 10 bytes",
@@ -75,69 +46,6 @@ _MESSAGES = {
     E_GROUP: "unbalanced group",
     E_UNTERMINATED: "unterminated group",
 }
-
-
-cdef inline int _varint(const uint8_t* buf, Py_ssize_t* pos, Py_ssize_t end,
-                        uint64_t* out) noexcept nogil:
-    cdef uint64_t value = 0
-    cdef int shift = 0
-    cdef uint8_t byte
-    cdef Py_ssize_t p = pos[0]
-    while True:
-        if p >= end:
-            return E_VARINT_TRUNCATED
-        if shift >= 70:
-            return E_VARINT_LONG
-        byte = buf[p]
-        p += 1
-        if shift < 64:
-            value |= (<uint64_t>(byte & 0x7F)) << shift
-        if byte < 0x80:
-            pos[0] = p
-            out[0] = value
-            return E_OK
-        shift += 7
-
-
-cdef extern from *:
-    """
-    #if defined(__GNUC__) || defined(__clang__)
-    #define _xdsfast_prefetch(p) __builtin_prefetch((const void*)(p))
-    #else
-    #define _xdsfast_prefetch(p) ((void)0)
-    #endif
-    """
-    void _prefetch "_xdsfast_prefetch"(const void* p) noexcept nogil
-
-
-cdef inline Py_ssize_t _run(const uint8_t* buf, Py_ssize_t pos, Py_ssize_t end,
-                            uint8_t tag, Py_ssize_t* out) noexcept nogil:
-    """Hop over a run of records with the same one-byte LEN tag (a response's
-    resources: thousands in a row); return how many, leave pos after the last.
-
-    Stops at anything unusual (another tag, a long length, a short buffer) and
-    lets the general loop deal with it, errors included.
-    """
-    cdef Py_ssize_t count = 0, length
-    cdef uint8_t b1, b2
-    while pos + 2 < end and buf[pos] == tag:
-        b1 = buf[pos + 1]
-        if b1 < 0x80:
-            length = b1 + 2
-        else:
-            b2 = buf[pos + 2]
-            if b2 >= 0x80:
-                break
-            length = ((b1 & 0x7F) | (<Py_ssize_t>b2 << 7)) + 3
-        if length > end - pos:
-            break
-        # Resources of one push are alike in size: fetch where the one after
-        # next probably starts, so the hops do not wait on memory.
-        _prefetch(buf + pos + 3 * length)
-        pos += length
-        count += 1
-    out[0] = pos
-    return count
 
 
 cdef int _scan(const uint8_t* buf, Py_ssize_t end, const uint8_t* table,
@@ -264,13 +172,6 @@ cdef str _string(const uint8_t* buf, Scan* s, int slot):
 cdef class RequestPeek:
     """What the relay needs of an ``envoy.service.discovery.v3.DiscoveryRequest``."""
 
-    cdef readonly str type_url
-    cdef readonly str version_info
-    cdef readonly str response_nonce
-    cdef readonly bint has_node
-    cdef readonly bint has_error_detail
-    cdef readonly Py_ssize_t resource_name_count
-
     def __init__(self, str type_url, str version_info, str response_nonce,
                  bint has_node, bint has_error_detail, Py_ssize_t resource_name_count):
         self.type_url = type_url
@@ -292,11 +193,6 @@ cdef class RequestPeek:
 cdef class ResponsePeek:
     """What the relay needs of an ``envoy.service.discovery.v3.DiscoveryResponse``."""
 
-    cdef readonly str type_url
-    cdef readonly str version_info
-    cdef readonly str nonce
-    cdef readonly Py_ssize_t resource_count
-
     def __init__(self, str type_url, str version_info, str nonce, Py_ssize_t resource_count):
         self.type_url = type_url
         self.version_info = version_info
@@ -312,13 +208,6 @@ cdef class ResponsePeek:
 
 cdef class DeltaRequestPeek:
     """What the relay needs of an ``envoy.service.discovery.v3.DeltaDiscoveryRequest``."""
-
-    cdef readonly str type_url
-    cdef readonly str response_nonce
-    cdef readonly bint has_node
-    cdef readonly bint has_error_detail
-    cdef readonly Py_ssize_t subscribe_count
-    cdef readonly Py_ssize_t unsubscribe_count
 
     def __init__(self, str type_url, str response_nonce, bint has_node,
                  bint has_error_detail, Py_ssize_t subscribe_count,
@@ -345,12 +234,6 @@ cdef class DeltaResponsePeek:
 
     ``removed_count`` counts ``removed_resources`` (field 6).
     """
-
-    cdef readonly str type_url
-    cdef readonly str system_version_info
-    cdef readonly str nonce
-    cdef readonly Py_ssize_t resource_count
-    cdef readonly Py_ssize_t removed_count
 
     def __init__(self, str type_url, str system_version_info, str nonce,
                  Py_ssize_t resource_count, Py_ssize_t removed_count):
@@ -407,13 +290,6 @@ cdef DeltaResponsePeek _deltaresponsepeek(const uint8_t* buf, Scan* s):
     r.resource_count = s.count[0]
     r.removed_count = s.count[1]
     return r
-
-
-cdef enum Kind:
-    K_REQUEST
-    K_RESPONSE
-    K_DELTA_REQUEST
-    K_DELTA_RESPONSE
 
 
 cdef object _build(Kind kind, const uint8_t* buf, Scan* s):

@@ -2,9 +2,11 @@
 """The relay's per-message path, compiled: line for line ``_route_py.py`` (the reference).
 
 ``relay.Session`` subclasses :class:`RouteCore`; the engine calls its two sinks from
-the read callback that completed a message.  Python callers get ``def`` wrappers;
-the sinks call the ``cdef`` bodies directly (no per-call lookup of an override).
+the read callback that completed a message.  Fields, methods and the callbacks made by
+name are declared in ``_route.pxd``.
 """
+
+import asyncio
 
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -25,13 +27,6 @@ cdef class Latencies:
     """A histogram's counts, observed per forwarded response without a call into Python
     (the twin's bisect and three additions cost about a tenth of the relay's work per
     message); ``metrics.LatencyHistogram`` names and exposes it."""
-
-    cdef readonly tuple bounds
-    cdef readonly long long count
-    cdef readonly double sum
-    cdef double* _bounds
-    cdef long long* _counts  # one per bound, then one above them all (+Inf)
-    cdef Py_ssize_t _n
 
     def __init__(self, bounds):
         cdef Py_ssize_t i
@@ -57,10 +52,7 @@ cdef class Latencies:
         """Observations per bucket (not cumulative), ``+Inf`` last."""
         return [self._counts[i] for i in range(self._n + 1)]
 
-    def observe(self, double value):
-        self._observe(value)
-
-    cdef inline void _observe(self, double value):
+    cpdef void observe(self, double value):
         cdef Py_ssize_t lo = 0, hi = self._n, mid
         while lo < hi:  # bisect_left: the first bound not below the value
             mid = (lo + hi) >> 1
@@ -77,29 +69,20 @@ cdef class Tally:
     """A counter's number as a C field (``metrics.Count`` subclasses it), so the sinks
     count a message without a Python attribute get, add and set."""
 
-    cdef public long long value
+    def __init__(self):
+        self.value = 0
 
 
 cdef class ByteTotals:
     """One type URL's bytes per direction as C fields (``metrics.TypeBytes``)."""
 
-    cdef public long long request, response
+    def __init__(self):
+        self.request = 0
+        self.response = 0
 
 
 cdef class TypeState:
     """One type on one stream, as ``/debug/xds`` shows it; kept per message."""
-
-    cdef readonly object totals  # the process-wide byte counters of this type
-    cdef ByteTotals _totals  # the same when compiled (added to in C), else None
-    cdef public object last  # the peek of the last response
-    cdef public Py_ssize_t responses
-    cdef public Py_ssize_t bytes
-    cdef public double pushed  # perf_counter() when the last response was written to Envoy
-    cdef public str ack  # "ACK" or "NACK": the answer to a response, last seen
-    cdef public str ack_nonce
-    cdef public object error  # the last NACK's (code, message)
-    cdef public object acked  # the peek of Envoy's last ACK of this type
-    cdef public object acked_data  # and its bytes (a reference, not a copy)
 
     def __init__(self, totals):
         self.totals = totals
@@ -122,23 +105,12 @@ cdef class TypeState:
 cdef class RouteCore:
     """One session's sinks and the state they keep; ``relay.Session`` is the rest."""
 
-    cdef public dict types
-    cdef public dict _plain
-    cdef public object requests
-    cdef public object upstream
-    cdef public object downstream
-    cdef public object metrics
-    cdef public bint initial_requests_sent
-    cdef public bint _sending
-    cdef object _peek_request, _peek_response
-    cdef object _requests_sent, _responses_received, _recv_max, _push_latency
-    cdef Latencies _latencies  # _push_latency when it is compiled (observed in C), else None
-    cdef Tally _requests_tally, _responses_tally  # the same for the counters (added in C)
-
-    def __init__(self, metrics, downstream, peek_request, peek_response):
+    def __init__(self, metrics, downstream, mode, peek_request, peek_response):
         self.metrics = metrics
         self.downstream = downstream
+        self.mode = mode
         self.upstream = None
+        self.requests = asyncio.Queue()
         self.types = {}
         self._plain = {}
         self.initial_requests_sent = False
@@ -179,8 +151,8 @@ cdef class RouteCore:
             return False  # _from_envoy reports it
         if not self.initial_requests_sent and request.type_url == LISTENER:
             return False  # the first LDS request brings the agent's own: _from_envoy does it
-        self._istiod_now(data)  # istiod first: the bookkeeping is not on the request's path
-        self._note(data, request)
+        RouteCore._to_istiod_now(self, data)  # istiod first: bookkeeping is off its path
+        RouteCore._note_request(self, data, request)
         return True
 
     def _response_sink(self, bytes data):
@@ -198,23 +170,11 @@ cdef class RouteCore:
             self._responses_tally.value += 1
         else:
             self._responses_received.value += 1
-        self._forward(state, response, len(data), arrived)
+        RouteCore._forwarded(self, state, response, len(data), arrived)
         return True
 
-    def _note_request(self, data, request):
+    cpdef _note_request(self, data, request):
         """What /debug/xds and the metrics keep of a request from Envoy."""
-        self._note(data, request)
-
-    def _to_istiod_now(self, data):
-        """Write a request to istiod at once if nothing is queued or being sent before it and
-        nothing would wait; else queue it for _to_istiod (never waits: see istio#39209)."""
-        self._istiod_now(data)
-
-    def _forwarded(self, state, response, Py_ssize_t size, double arrived):
-        """A response went to Envoy: what /debug/xds and the metrics keep of it."""
-        self._forward(state, response, size, arrived)
-
-    cdef int _note(self, data, request) except -1:
         cdef Py_ssize_t size = len(data)
         cdef TypeState state
         recv_max = self._recv_max
@@ -230,14 +190,15 @@ cdef class RouteCore:
         if nonce:
             state.ack_nonce = nonce
             if request.has_error_detail:
-                state.nack(getattr(self, "mode"), data)  # the subclass's (NACKs are rare)
+                state.nack(self.mode, data)  # the subclass's (NACKs are rare)
             else:
                 state.ack = "ACK"
                 state.acked = request
                 state.acked_data = data
-        return 0
 
-    cdef int _istiod_now(self, data) except -1:
+    cpdef _to_istiod_now(self, data):
+        """Write a request to istiod at once if nothing is queued or being sent before it and
+        nothing would wait; else queue it for _to_istiod (never waits: see istio#39209)."""
         upstream = self.upstream
         if (
             upstream is not None
@@ -251,10 +212,9 @@ cdef class RouteCore:
                 self._requests_sent.value += 1
         else:
             self.requests.put_nowait(data)
-        return 0
 
-    cdef int _forward(self, TypeState state, response, Py_ssize_t size,
-                      double arrived) except -1:
+    cpdef _forwarded(self, TypeState state, response, Py_ssize_t size, double arrived):
+        """A response went to Envoy: what /debug/xds and the metrics keep of it."""
         cdef double written
         state.last = response
         state.responses += 1
@@ -265,7 +225,6 @@ cdef class RouteCore:
             state.totals.response += size
         state.pushed = written = _perf_counter()
         if self._latencies is not None:
-            self._latencies._observe(written - arrived)
+            Latencies.observe(self._latencies, written - arrived)
         else:
             self._push_latency.observe(written - arrived)
-        return 0

@@ -6,7 +6,8 @@ nothing is queued before it and nothing would wait, and keep what ``/debug/xds``
 and the metrics show.  That is all of the relay's work per message, so it is
 compiled (``_route.pyx``, line for line the same); ``relay.Session`` subclasses
 :class:`RouteCore` and does everything else.  The core calls back by name, for
-rare cases only: ``_state`` (a type's first message) and ``TypeState.nack``.
+rare cases only: ``_state`` (a type's first message) and ``TypeState.nack`` (every
+callback: ``_route.pxd``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class RouteCore:
     upstream: Any  # the engine's Upstream once dialed, else None
     downstream: Any  # the engine's Downstream (None once released)
     metrics: Metrics
-    mode: Any  # the subclass's: SotW or delta (for TypeState.nack)
+    mode: Any  # SotW or delta (for TypeState.nack)
     initial_requests_sent: bool  # the agent's own requests followed Envoy's first LDS
     _sending: bool  # _to_istiod is writing a request (later ones queue behind it)
 
@@ -111,12 +112,15 @@ class RouteCore:
         self,
         metrics: Metrics,
         downstream: Any,
+        mode: Any,
         peek_request: Callable[[bytes], Any],
         peek_response: Callable[[bytes], Any],
     ) -> None:
         self.metrics = metrics
         self.downstream = downstream
+        self.mode = mode
         self.upstream = None
+        self.requests = asyncio.Queue()
         self.types = {}
         self._plain = {}
         self.initial_requests_sent = False

@@ -246,13 +246,11 @@ class Session(route.RouteCore):
     def __init__(self, relay: Relay, downstream: Downstream, mode: Mode, session_id: int) -> None:
         self.flavour = _FLAVOURS[mode]
         super().__init__(
-            relay.metrics, downstream, self.flavour.peek_request, self.flavour.peek_response
+            relay.metrics, downstream, mode, self.flavour.peek_request, self.flavour.peek_response
         )
         self.relay = relay
-        self.mode = mode
         self.id = session_id
         self.peer = downstream.peer
-        self.requests = asyncio.Queue()
         self._replaced = asyncio.Event()
         self._replaced_why = ""
         self.started = time.time()

@@ -1,8 +1,7 @@
 """The wire peeker, from the compiled core or its pure-Python twin.
 
-The compiled ``xdsfast._core`` is used unless ``XDSFAST_NO_EXTENSIONS`` is set
-to a non-empty value or it cannot be imported (a platform without a binary
-wheel).  ``IMPLEMENTATION`` says which one is active.
+Chosen by the one switch, :mod:`xdsfast._ext` (``XDSFAST_NO_EXTENSIONS``, or the
+compiled ``xdsfast._core`` missing); ``IMPLEMENTATION`` says which one is active.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from xdsfast._errors import WireError
 
 __all__ = [
     "IMPLEMENTATION",
-    "NO_EXTENSIONS",
     "DeltaRequestPeek",
     "DeltaResponsePeek",
     "RequestPeek",
@@ -27,9 +25,6 @@ __all__ = [
     "peek_response",
     "varint",
 ]
-
-NO_EXTENSIONS = _ext.NO_EXTENSIONS
-
 
 if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast._core_py import (
