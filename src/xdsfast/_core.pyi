@@ -1,88 +1,10 @@
-# Stub for the compiled core; kept in step with _core_py.py's signatures.
-from typing import Union
-
-Buffer = Union[bytes, bytearray, memoryview]
-
-class RequestPeek:
-    @property
-    def type_url(self) -> str: ...
-    @property
-    def version_info(self) -> str: ...
-    @property
-    def response_nonce(self) -> str: ...
-    @property
-    def has_node(self) -> bool: ...
-    @property
-    def has_error_detail(self) -> bool: ...
-    @property
-    def resource_name_count(self) -> int: ...
-    def __init__(
-        self,
-        type_url: str,
-        version_info: str,
-        response_nonce: str,
-        has_node: bool,
-        has_error_detail: bool,
-        resource_name_count: int,
-    ) -> None: ...
-
-class ResponsePeek:
-    @property
-    def type_url(self) -> str: ...
-    @property
-    def version_info(self) -> str: ...
-    @property
-    def nonce(self) -> str: ...
-    @property
-    def resource_count(self) -> int: ...
-    def __init__(
-        self, type_url: str, version_info: str, nonce: str, resource_count: int
-    ) -> None: ...
-
-class DeltaRequestPeek:
-    @property
-    def type_url(self) -> str: ...
-    @property
-    def response_nonce(self) -> str: ...
-    @property
-    def has_node(self) -> bool: ...
-    @property
-    def has_error_detail(self) -> bool: ...
-    @property
-    def subscribe_count(self) -> int: ...
-    @property
-    def unsubscribe_count(self) -> int: ...
-    def __init__(
-        self,
-        type_url: str,
-        response_nonce: str,
-        has_node: bool,
-        has_error_detail: bool,
-        subscribe_count: int,
-        unsubscribe_count: int,
-    ) -> None: ...
-
-class DeltaResponsePeek:
-    @property
-    def type_url(self) -> str: ...
-    @property
-    def system_version_info(self) -> str: ...
-    @property
-    def nonce(self) -> str: ...
-    @property
-    def resource_count(self) -> int: ...
-    @property
-    def removed_count(self) -> int: ...
-    def __init__(
-        self,
-        type_url: str,
-        system_version_info: str,
-        nonce: str,
-        resource_count: int,
-        removed_count: int,
-    ) -> None: ...
-
-def peek_request(data: Buffer) -> RequestPeek: ...
-def peek_response(data: Buffer) -> ResponsePeek: ...
-def peek_delta_request(data: Buffer) -> DeltaRequestPeek: ...
-def peek_delta_response(data: Buffer) -> DeltaResponsePeek: ...
+# Stub for the compiled peeker: the twin (_core_py.py) is the typed reference.
+from xdsfast._core_py import Buffer as Buffer
+from xdsfast._core_py import DeltaRequestPeek as DeltaRequestPeek
+from xdsfast._core_py import DeltaResponsePeek as DeltaResponsePeek
+from xdsfast._core_py import RequestPeek as RequestPeek
+from xdsfast._core_py import ResponsePeek as ResponsePeek
+from xdsfast._core_py import peek_delta_request as peek_delta_request
+from xdsfast._core_py import peek_delta_response as peek_delta_response
+from xdsfast._core_py import peek_request as peek_request
+from xdsfast._core_py import peek_response as peek_response
