@@ -13,14 +13,15 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import pytest
+from twins import Cores
 
-from xdsfast import nds_pb2
+from xdsfast import _dnstable_py, _ext, nds_pb2
 from xdsfast.dns import proxy, resolvconf
 from xdsfast.dns import table as table_module
 from xdsfast.dns.forward import Forwarder
 from xdsfast.dns.handler import Handler
-from xdsfast.dns.metrics import DnsMetrics
-from xdsfast.dns.names import NameRules, build_lookup, entry_names
+from xdsfast.dns.metrics import DnsMetrics, register_table_builds
+from xdsfast.dns.names import CANCEL_EVERY, Cancelled, NameRules, build_lookup, entry_names
 from xdsfast.dns.table import A_IN, AAAA_IN, ROTATIONS, CompiledTable, DnsTable
 from xdsfast.dns.wire import TC, encode_name, truncate
 from xdsfast.metrics import Metrics
@@ -201,11 +202,13 @@ async def test_tables_arriving_during_a_build_are_coalesced(
     gate = threading.Event()
     real = table_module.build
 
-    def slow_build(table: nds_pb2.NameTable | bytes, rules: NameRules) -> CompiledTable:
+    def slow_build(
+        table: nds_pb2.NameTable | bytes, rules: NameRules, cancel: bytearray | None = None
+    ) -> CompiledTable:
         gate.wait(30)
         assert isinstance(table, nds_pb2.NameTable)
         built.append(next(iter(table.table)))
-        return real(table, rules)
+        return real(table, rules)  # the flag ignored: finished, so served (then the latest)
 
     monkeypatch.setattr(table_module, "build", slow_build)
     t = DnsTable(NameRules("default"))
@@ -268,6 +271,116 @@ def test_table_gauges_report_the_served_table() -> None:
     assert metrics.sample("xdsfast_dns_table_names", None) == t.answers.names == 6
     assert metrics.sample("xdsfast_dns_table_bytes", None) == t.answers.nbytes > 0
     assert b"# TYPE xdsfast_dns_table_bytes gauge" in metrics.exposition()
+
+
+# -- superseded builds stop early ---------------------------------------------------------------
+
+
+def services(hosts: int, extra: str = "") -> bytes:
+    """The wire bytes of ``hosts`` Kubernetes services in 10 namespaces (and ``extra``)."""
+    entries = {f"s{i}.n{i % 10}.svc.cluster.local": k8s(f"s{i}", f"n{i % 10}", "10.1.0.1")
+               for i in range(hosts)}  # fmt: skip
+    if extra:
+        entries[extra] = Info(ips=["10.2.0.1"], registry="External")
+    return table_of(entries).SerializeToString()
+
+
+def test_a_set_cancel_flag_stops_the_build(twins: Cores) -> None:
+    wire = services(3 * CANCEL_EVERY)
+    assert twins.dnstable.build(wire, RULES, bytearray(b"\x01")) is None
+    built = twins.dnstable.build(wire, RULES, bytearray(1))
+    assert built is not None and built.hosts == 3 * CANCEL_EVERY
+    with pytest.raises(Cancelled):
+        table_module.build(wire, RULES, bytearray(b"\x01"))
+
+
+def test_the_twin_looks_at_the_flag_every_1024_hosts() -> None:
+    """Set midway through the hosts (by the rules, which the build reads once per
+    Kubernetes entry), the flag stops the twin's build at its next look: bounded work,
+    not the rest of the table."""
+    cancel = bytearray(1)
+
+    class SettingRules:  # the 1500th read of proxy_domain sets the flag
+        namespace = "n0"
+        search_suffix = "n0.svc.cluster.local."
+        reads = 0
+
+        @property
+        def proxy_domain(self) -> str:
+            self.reads += 1
+            if self.reads == 1500:
+                cancel[0] = 1
+            return "svc.cluster.local"
+
+    rules = SettingRules()
+    assert _dnstable_py.build(services(10 * CANCEL_EVERY), rules, cancel) is None
+    assert rules.reads == 2 * CANCEL_EVERY  # the look at host 2048 saw it: 8k hosts skipped
+
+
+class GatedBuilds:
+    """Hold the first build of the core serving ``dns.table`` until ``gate`` is set;
+    ``finished`` gets, per build, whether it built a table (False: it stopped, its flag
+    set); ``returned`` is set when a build returns."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gate = threading.Event()
+        self.returned = threading.Event()
+        self.finished: list[bool] = []
+        core = _ext.load("_dnstable")  # the module table.build calls
+        self.real = core.build
+        monkeypatch.setattr(core, "build", self.build)
+
+    def build(self, wire: bytes, rules: Any, cancel: bytearray | None = None) -> Any:
+        if not self.finished:
+            assert self.gate.wait(30)
+        built = self.real(wire, rules, cancel)
+        self.finished.append(built is not None)
+        self.returned.set()
+        return built
+
+
+async def test_a_newer_table_stops_the_running_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of pushes costs one full build: the running build is told to stop when a
+    newer table arrives (nothing of it is served; it is counted), the latest is built."""
+    builds = GatedBuilds(monkeypatch)
+    metrics = Metrics()
+    t = DnsTable(RULES)
+    register_table_builds(metrics, lambda: t.superseded)
+    for k in (1, 2, 3):
+        t.update(services(2 * CANCEL_EVERY, extra=f"push{k}.example"), str(k))
+    builds.gate.set()  # the first build starts now, its flag already set by push 2
+    await t.wait_updates(3)
+    assert builds.finished == [False, True]  # one stopped, one full build (push 2 was never built)
+    assert t.superseded == 1
+    assert metrics.sample("xdsfast_dns_table_builds_superseded_total", None) == 1
+    assert t.answers_version == "3" and t.answers is not None
+    assert t.answers.hosts == 2 * CANCEL_EVERY + 1
+    assert b"\x05push3\x07example\x00" + A_IN in t.answers
+    assert b"\x05push1\x07example\x00" + A_IN not in t.answers
+    t.close()
+
+
+async def test_new_rules_stop_the_running_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = GatedBuilds(monkeypatch)
+    t = DnsTable(NameRules("default"))
+    t.update(table_of({"db.other.svc.cluster.local": k8s("db", "other", "10.0.1.1")}), "1")
+    t.configure(RULES)
+    builds.gate.set()
+    await t.wait_updates(1)
+    assert builds.finished == [False, True] and t.superseded == 1
+    key = encode_name("db.other.default.svc.cluster.local.")  # the new search domain's CNAME
+    assert key is not None and t.answers is not None and key + A_IN in t.answers
+    t.close()
+
+
+async def test_close_stops_the_running_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = GatedBuilds(monkeypatch)
+    t = DnsTable(RULES)
+    t.update(services(2 * CANCEL_EVERY), "1")
+    t.close()
+    builds.gate.set()
+    assert await asyncio.to_thread(builds.returned.wait, 30)
+    assert builds.finished == [False] and not t.ready
 
 
 # -- the handler, straight on bytes -------------------------------------------------------------

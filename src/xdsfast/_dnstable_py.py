@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterator
 from typing import Protocol
 
-from xdsfast.dns.names import build_lookup
+from xdsfast.dns.names import CANCEL_EVERY, Cancelled, build_lookup
 from xdsfast.dns.wire import NameEncoder, parent_wildcards
 from xdsfast.nds_pb2 import NameTable
 
@@ -186,22 +186,29 @@ def _compose(data: bytes, qend: int, entry: _Entry, aaaa: bool, order: int | Non
     return b"".join(parts)
 
 
-def build(wire: bytes, rules: Rules) -> CompiledTable | None:
+def build(wire: bytes, rules: Rules, cancel: bytearray | None = None) -> CompiledTable | None:
     """The table for a serialized NameTable under the proxy's rules.
 
     (None means "re-encode the NameTable canonically and call again": the compiled
     build says so for encodings it does not parse itself; this twin never does.)
-    Raises ValueError if ``wire`` is not a NameTable."""
+    Raises ValueError if ``wire`` is not a NameTable.  ``cancel``: a one-byte
+    ``bytearray`` another thread may set; the build looks at it every
+    ``CANCEL_EVERY`` hosts (and names) and, once set, stops and returns None."""
     try:
         table = NameTable.FromString(wire)
     except Exception as exc:  # DecodeError
         raise ValueError(f"cannot decode NameTable: {exc}") from exc
-    lookup = build_lookup(table.table, rules)  # type: ignore[arg-type]
+    try:
+        lookup = build_lookup(table.table, rules, cancel)  # type: ignore[arg-type]
+    except Cancelled:
+        return None
     encoder = NameEncoder()
     index: dict[bytes, _Entry] = {}
     per_entry: dict[int, _Entry] = {}
     wires: dict[str, bytes] = {}
-    for name, addresses in lookup.addresses.items():
+    for count, (name, addresses) in enumerate(lookup.addresses.items()):
+        if cancel is not None and count % CANCEL_EVERY == 0 and cancel[0]:
+            return None
         name_wire = encoder.encode(name)
         if name_wire is None:
             continue

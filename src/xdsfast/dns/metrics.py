@@ -27,6 +27,19 @@ def register_table_gauges(registry: Registry, stats: Callable[[], tuple[int, int
         )
 
 
+def register_table_builds(registry: Registry, superseded: Callable[[], int]) -> None:
+    """``xdsfast_dns_table_builds_superseded_total`` (xdsfast's own) from ``superseded()``
+    (``DnsTable.superseded``)."""
+    registry.register(
+        Total(
+            "xdsfast_dns_table_builds_superseded_total",
+            "DNS name table builds stopped early because a newer NameTable (or new rules) "
+            "arrived; the newest is built next.",
+            superseded,
+        )
+    )
+
+
 class DnsMetrics:
     """Requests served, forwarded, failed upstream, forward latency; and (xdsfast's own,
     Istio has none) messages not served as queries."""

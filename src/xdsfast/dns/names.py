@@ -39,6 +39,11 @@ from xdsfast.nds_pb2 import NameTable
 NameInfo = NameTable.NameInfo
 
 KUBERNETES = "Kubernetes"
+CANCEL_EVERY = 1024  # hosts between two looks at a build's cancel flag
+
+
+class Cancelled(Exception):
+    """A build stopped early: its cancel flag was set (a newer table supersedes it)."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,13 @@ def canonical(name: str) -> str:
     return name
 
 
-def build_lookup(table: Mapping[str, NameInfo], rules: NameRules) -> Lookup:
-    """Apply the rules to a whole NameTable (``NameTable.table``)."""
+def build_lookup(
+    table: Mapping[str, NameInfo], rules: NameRules, cancel: bytearray | None = None
+) -> Lookup:
+    """Apply the rules to a whole NameTable (``NameTable.table``).
+
+    Raises :class:`Cancelled` once ``cancel[0]`` is set (by another thread: it is
+    looked at every ``CANCEL_EVERY`` hosts of each pass)."""
     lookup = Lookup(suffix=rules.search_suffix)
     # Tuples, not lists: the garbage collector stops tracking tuples of strings and bytes,
     # so a big table does not set off full collections (which hold the GIL) while it is
@@ -148,7 +158,9 @@ def build_lookup(table: Mapping[str, NameInfo], rules: NameRules) -> Lookup:
     hostnames = [hostname for hostname in table]
     hostnames.sort()
     entries: list[tuple[tuple[str, ...], Addresses]] = []
-    for hostname in hostnames:
+    for count, hostname in enumerate(hostnames):
+        if cancel is not None and count % CANCEL_EVERY == 0 and cancel[0]:
+            raise Cancelled
         info = table[hostname]
         addresses = split_ips(info.ips)
         if addresses is None:
@@ -158,12 +170,16 @@ def build_lookup(table: Mapping[str, NameInfo], rules: NameRules) -> Lookup:
             entries.append((tuple(found), addresses))
     for names, addresses in entries:  # own hostnames first: they win over derived names
         lookup.addresses.setdefault(names[0], addresses)
+    if cancel is not None and cancel[0]:
+        raise Cancelled
     for names, addresses in entries:
         for name in names[1:]:
             lookup.addresses.setdefault(name, addresses)
     suffix = lookup.suffix
     if suffix:
-        for names, _ in entries:
+        for count, (names, _) in enumerate(entries):
+            if cancel is not None and count % CANCEL_EVERY == 0 and cancel[0]:
+                raise Cancelled
             own = set(names)
             for name in names:
                 if name == "." or name.endswith(suffix):

@@ -20,7 +20,7 @@ from xdsfast.config import DEFAULT_DNS_ADDRESS, Config, split_host_port
 from xdsfast.dns import resolvconf
 from xdsfast.dns.forward import Forwarder
 from xdsfast.dns.handler import Handler
-from xdsfast.dns.metrics import DnsMetrics, register_table_gauges
+from xdsfast.dns.metrics import DnsMetrics, register_table_builds, register_table_gauges
 from xdsfast.dns.names import NameRules
 from xdsfast.dns.resolvconf import ResolvConf, is_ipv6
 from xdsfast.dns.server import DnsServer
@@ -73,6 +73,7 @@ class DnsProxy:
         self.table = table
         self.metrics = DnsMetrics(registry)
         register_table_gauges(registry, table.stats)
+        register_table_builds(registry, lambda: table.superseded)
         self.server: DnsServer | None = None
 
     async def start(self) -> None:
