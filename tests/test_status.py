@@ -24,6 +24,7 @@ from support import connect
 
 from xdsfast import _ext
 from xdsfast.agent import Agent
+from xdsfast.dns.wiretable import WireNameTable
 from xdsfast.nds_pb2 import NameTable
 from xdsfast.peers import mesh
 from xdsfast.peers.adsclient import AdsClient, Response
@@ -194,6 +195,64 @@ async def test_ndsz_is_404_empty_json_without_a_table_and_json_with_one(
     sources.table.table["a.example"].ips.append("10.0.0.1")
     status, _, body = await http_get("127.0.0.1", server.port, "/debug/ndsz")
     assert (status, orjson.loads(body)) == (200, {"table": {"a.example": {"ips": ["10.0.0.1"]}}})
+
+
+TABLE_HEADERS = (
+    "x-xdsfast-dns-table-hosts",
+    "x-xdsfast-dns-table-names",
+    "x-xdsfast-dns-table-bytes",
+)
+
+
+def table_headers(headers: dict[str, str]) -> tuple[int, ...]:
+    """The DNS name table's hosts, names and bytes from a /debug/ndsz response's headers."""
+    return tuple(int(headers[name]) for name in TABLE_HEADERS)
+
+
+async def test_ndsz_reports_the_name_table_size_in_headers_and_a_summary(
+    make_server: Callable[..., Awaitable[StatusServer]], sources: Sources
+) -> None:
+    """The body stays the NameTable's JSON (proto3 JSON decoders refuse unknown fields); hosts,
+    names and bytes of the table served, read when each reply is made, come as headers,
+    and ``?summary`` answers them alone without rendering the table."""
+    stats = [0, 0, 0]
+    server = await make_server(ndsz_stats=lambda: tuple(stats))
+    for path in ("/debug/ndsz", "/debug/ndsz?summary"):
+        status, headers, body = await http_get("127.0.0.1", server.port, path)
+        assert (status, body, headers.keys() & set(TABLE_HEADERS)) == (404, b"{}\n", set())
+    sources.table = NameTable()
+    sources.table.table["a.example"].ips.append("10.0.0.1")
+    status, headers, body = await http_get("127.0.0.1", server.port, "/debug/ndsz")
+    assert (status, orjson.loads(body)) == (200, {"table": {"a.example": {"ips": ["10.0.0.1"]}}})
+    assert table_headers(headers) == (0, 0, 0)  # nothing built yet: zeros, as the gauges
+    stats[:] = [1, 6, 4321]
+    status, headers, body = await http_get("127.0.0.1", server.port, "/debug/ndsz")
+    assert orjson.loads(body) == {"table": {"a.example": {"ips": ["10.0.0.1"]}}}
+    assert table_headers(headers) == (1, 6, 4321)  # the same rendering, the figures of now
+    for query in ("summary", "summary=1", "x=1&summary"):
+        status, headers, body = await http_get("127.0.0.1", server.port, "/debug/ndsz?" + query)
+        assert (status, orjson.loads(body)) == (200, {"hosts": 1, "names": 6, "bytes": 4321})
+        assert headers["content-type"] == "application/json"
+        assert table_headers(headers) == (1, 6, 4321)
+    # a table that cannot be rendered: the summary never renders it
+    sources.table = WireNameTable(b"\x0a\xff")  # type: ignore[assignment]
+    assert (await http_get("127.0.0.1", server.port, "/debug/ndsz?summary"))[0] == 200
+    assert (await http_get("127.0.0.1", server.port, "/debug/ndsz"))[0] == 500
+    raw = await exchange(
+        server.port, b"HEAD /debug/ndsz?summary HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    ((status, headers, _),) = responses(raw, head_only=True)
+    assert raw.endswith(b"\r\n\r\n") and table_headers(headers) == (1, 6, 4321)
+
+
+async def test_ndsz_without_table_figures_has_no_headers_and_no_summary(
+    server: StatusServer, sources: Sources
+) -> None:
+    sources.table = NameTable()
+    status, headers, _ = await http_get("127.0.0.1", server.port, "/debug/ndsz")
+    assert status == 200 and not headers.keys() & set(TABLE_HEADERS)
+    status, _, body = await http_get("127.0.0.1", server.port, "/debug/ndsz?summary")
+    assert (status, body) == (404, b"{}\n")
 
 
 async def test_xds_dump_is_json(server: StatusServer, sources: Sources) -> None:
@@ -716,6 +775,38 @@ async def test_debug_ndsz_is_the_name_table_as_json(
     assert dump["table"]["legacy.default.svc.cluster.local"] == {"altHosts": ["legacy.default"]}
 
 
+async def test_debug_ndsz_reports_the_table_gauges_as_headers_and_summary(
+    make_agent: AgentFactory, control_plane: ControlPlane, clients: list[AdsClient]
+) -> None:
+    """Over real HTTP to the agent: /debug/ndsz's body is unchanged, and its headers and
+    ``?summary`` carry the same hosts, names and bytes as the ``xdsfast_dns_table_*``
+    gauges (the compiled table served), 404 ``{}`` before the first table."""
+    agent = await make_agent(discovery_address=control_plane.address)
+    assert await get(agent, "/debug/ndsz?summary") == (404, b"{}\n")
+    serve_mesh(control_plane)
+    table = mesh.sample_name_table()
+    control_plane.set_name_table(table)
+    client = await connect(agent, clients, False)
+    await client.request(LISTENER)
+    await client.recv()
+    await agent.dns_table.wait_updates(1)
+    found = await scrape(agent)
+    gauges = tuple(
+        int(value(found, f"xdsfast_dns_table_{what}")) for what in ("hosts", "names", "bytes")
+    )
+    assert gauges[0] == 2 and gauges[1] > 2 and gauges[2] > 0
+    assert value(found, "xdsfast_dns_table_builds_superseded_total") == 0
+    status, headers, body = await http_get("127.0.0.1", agent.status.port, "/debug/ndsz")
+    assert status == 200 and orjson.loads(body) == json_format.MessageToDict(table)
+    assert table_headers(headers) == gauges
+    status, headers, body = await http_get("127.0.0.1", agent.status.port, "/debug/ndsz?summary")
+    assert (status, orjson.loads(body)) == (
+        200,
+        dict(zip(("hosts", "names", "bytes"), gauges, strict=True)),
+    )
+    assert table_headers(headers) == gauges
+
+
 # -- xdsfast run, a real process -----------------------------------------------------------
 
 
@@ -746,6 +837,49 @@ async def test_run_serves_prometheus_text(
     assert value(found, "xdsfast_status_connections_evicted_total") == 0
     assert value(found, "xdsfast_status_connections_refused_total") == 0
     assert (await http_get("127.0.0.1", relay.status_port, "/healthz/ready"))[0] == 200
+    assert await relay.stop() == 0
+
+
+async def test_run_ndsz_summary_is_the_dns_table_gauges(
+    xdsfast_run: XdsfastFactory, control_plane: ControlPlane, short_tmp: Path
+) -> None:
+    """``xdsfast run --dns``: after a NameTable, /debug/ndsz?summary and the /debug/ndsz
+    headers are what /stats/prometheus says of the DNS name table."""
+    resolv = short_tmp / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\nsearch default.svc.cluster.local\n")
+    relay = await xdsfast_run(
+        *("--discovery-address", control_plane.address, "--dns", "--resolv-conf", str(resolv)),
+        *("--dns-address", "127.0.0.1:0"),
+        env={"POD_NAMESPACE": "default"},
+    )
+    assert relay.status_port is not None, relay.stderr
+    serve_mesh(control_plane)
+    control_plane.set_name_table(mesh.sample_name_table())
+    client = AdsClient(f"unix:{relay.socket_path}")
+    await client.open()
+    try:
+        await client.request(LISTENER)
+        await client.recv()
+        deadline = time.monotonic() + 20.0
+        while (await http_get("127.0.0.1", relay.status_port, "/healthz/ready"))[0] != 200:
+            assert time.monotonic() < deadline, "the NameTable was never applied"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.close()
+    _, _, text = await http_get("127.0.0.1", relay.status_port, "/stats/prometheus")
+    found = samples(text.decode())
+    gauges = tuple(
+        int(value(found, f"xdsfast_dns_table_{what}")) for what in ("hosts", "names", "bytes")
+    )
+    status, headers, body = await http_get("127.0.0.1", relay.status_port, "/debug/ndsz?summary")
+    assert (status, orjson.loads(body)) == (
+        200,
+        dict(zip(("hosts", "names", "bytes"), gauges, strict=True)),
+    )
+    assert gauges[0] == 2 and table_headers(headers) == gauges
+    status, headers, body = await http_get("127.0.0.1", relay.status_port, "/debug/ndsz")
+    assert status == 200 and set(orjson.loads(body)["table"]) == set(mesh.sample_name_table().table)
+    assert table_headers(headers) == gauges
     assert await relay.stop() == 0
 
 

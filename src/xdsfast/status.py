@@ -11,6 +11,13 @@ they return.
 ``GET /debug/xds``         per stream and type: versions, nonces, ACK/NACK, counts
 ========================  =============================================================
 
+``/debug/ndsz`` keeps Istio's body, the NameTable's proto3 JSON, with no field
+added (proto3 JSON decoders refuse unknown fields by default).  The DNS name
+table's hosts, names and bytes (``xdsfast_dns_table_*``) ride along as response
+headers (``X-Xdsfast-Dns-Table-Hosts``, ``-Names``, ``-Bytes``), and
+``/debug/ndsz?summary`` answers them alone as ``{"hosts", "names", "bytes"}``
+without rendering the table.
+
 ``/debug/*`` answers loopback clients only (403 for anyone else).  Requests are
 bounded: the head must arrive within ``timeout`` seconds of its first byte and
 fit in ``max_head`` bytes, an idle keep-alive connection is closed after
@@ -104,6 +111,7 @@ _MAX_BODY = 64 * 1024  # a GET carries no body; a small one is read and ignored
 _SLICE_HOSTS = 256  # NameTable hosts rendered per loop turn (~1-2 ms)
 _WRITE_SLICE = 256 * 1024  # a large body goes to the transport this much at a time
 _DROP_LOG_INTERVAL = 60.0  # seconds between two lines about closed or refused connections
+_TABLE_STATS = ("hosts", "names", "bytes")  # of the DNS name table: /debug/ndsz's headers
 
 _log = log.scope("status")
 
@@ -233,7 +241,7 @@ def _sorted_pieces(keys: Iterator[str], info: Callable[[str], Any]) -> Iterator[
 
 
 class _Route(NamedTuple):
-    handler: Callable[[], Awaitable[Reply]]
+    handler: Callable[[str], Awaitable[Reply]]  # called with the request's query string
     debug: bool  # loopback clients only
 
 
@@ -249,7 +257,8 @@ class StatusServer:
 
     ``ready()`` returns None when ready, else the reason it is not; ``metrics()``
     Prometheus text; ``ndsz()`` the NameTable, or None when there is none; ``xds()``
-    the relay's per-stream state as a JSON-able dict.
+    the relay's per-stream state as a JSON-able dict; ``ndsz_stats()`` (optional) the
+    hosts, names and bytes of the DNS name table served now, for ``/debug/ndsz``.
     """
 
     def __init__(
@@ -259,6 +268,7 @@ class StatusServer:
         metrics: Callable[[], bytes],
         ndsz: Callable[[], NameTable | WireNameTable | None],
         xds: Callable[[], dict[str, Any]],
+        ndsz_stats: Callable[[], tuple[int, int, int]] | None = None,
         timeout: float = 5.0,
         max_head: int = 8 * 1024,
         max_connections: int = 64,
@@ -268,6 +278,7 @@ class StatusServer:
         self._metrics = metrics
         self._ndsz = ndsz
         self._xds = xds
+        self._ndsz_stats = ndsz_stats
         self.timeout = timeout
         self.max_head = max_head
         self.max_connections = max_connections
@@ -461,13 +472,13 @@ class StatusServer:
             raise _Refused(408, "the request head did not arrive in time") from None
         except asyncio.LimitOverrunError:
             raise _Refused(431, f"the request head is over {self.max_head} bytes") from None
-        method, path, version, headers = _parse_head(first + rest)
+        method, path, query, version, headers = _parse_head(first + rest)
         keep_alive = _keep_alive(version, headers.get("connection", ""))
         await self._skip_body(reader, headers)
         if conn.evicted:
             return False
         conn.waiting = None  # busy: the request is in, the answer is made and written
-        reply = await self._dispatch(method, path, local)
+        reply = await self._dispatch(method, path, local, query)
         await self._write(writer, reply, keep_alive=keep_alive, version=version, method=method)
         return keep_alive
 
@@ -485,7 +496,7 @@ class StatusServer:
             except asyncio.TimeoutError:
                 raise _Refused(408, "the request body did not arrive in time") from None
 
-    async def _dispatch(self, method: str, path: str, local: bool) -> Reply:
+    async def _dispatch(self, method: str, path: str, local: bool, query: str = "") -> Reply:
         route = self._routes.get(path)
         if route is None:
             return Reply(404, _TEXT, b"not found: " + path.encode("latin-1", "replace") + b"\n")
@@ -494,7 +505,7 @@ class StatusServer:
         if method not in ("GET", "HEAD"):
             return Reply(405, _TEXT, b"only GET and HEAD are served\n", (("Allow", "GET, HEAD"),))
         try:
-            return await route.handler()
+            return await route.handler(query)
         except Exception:
             _log.error("status endpoint %s failed", path, exc_info=True)
             return Reply(500, _TEXT, b"internal error (see the agent's log)\n")
@@ -560,33 +571,49 @@ class StatusServer:
 
     # -- endpoints -----------------------------------------------------------------------------
 
-    async def _serve_ready(self) -> Reply:
+    async def _serve_ready(self, query: str) -> Reply:
         reason = self._ready()
         if reason is None:
             return Reply(200, _TEXT, b"ready\n")
         return Reply(503, _TEXT, reason.encode() + b"\n")
 
-    async def _serve_metrics(self) -> Reply:
+    async def _serve_metrics(self, query: str) -> Reply:
         return Reply(200, PROMETHEUS_CONTENT_TYPE, self._metrics())
 
-    async def _serve_ndsz(self) -> Reply:
+    async def _serve_ndsz(self, query: str) -> Reply:
         table = self._ndsz()
         if table is None:
             return Reply(404, _JSON, b"{}\n")
+        if "summary" in (part.partition("=")[0] for part in query.split("&")):
+            if self._ndsz_stats is None:
+                return Reply(404, _JSON, b"{}\n")
+            stats = self._ndsz_stats()
+            summary = _json(dict(zip(_TABLE_STATS, map(int, stats), strict=True)))
+            return Reply(200, _JSON, summary, _stats_headers(stats))
         async with self._ndsz_lock:  # one table rendered at a time; asked again: shared
             shared = self._ndsz_shared() if self._ndsz_shared is not None else None
-            if shared is not None and shared.source is table:
-                return Reply(200, _JSON, shared)
-            pieces = _Pieces(table)
-            for piece in name_table_pieces(table):
-                if piece:
-                    pieces.append(piece)
-                await asyncio.sleep(0)  # the loop serves others between two slices
-            self._ndsz_shared = weakref.ref(pieces)
-        return Reply(200, _JSON, pieces)
+            if shared is None or shared.source is not table:
+                pieces = _Pieces(table)
+                for piece in name_table_pieces(table):
+                    if piece:
+                        pieces.append(piece)
+                    await asyncio.sleep(0)  # the loop serves others between two slices
+                self._ndsz_shared = weakref.ref(pieces)
+                shared = pieces
+        # read when the reply is made, as the gauges (the previous table's during a build)
+        headers = () if self._ndsz_stats is None else _stats_headers(self._ndsz_stats())
+        return Reply(200, _JSON, shared, headers)
 
-    async def _serve_xds(self) -> Reply:
+    async def _serve_xds(self, query: str) -> Reply:
         return Reply(200, _JSON, _json(self._xds()))
+
+
+def _stats_headers(stats: tuple[int, int, int]) -> tuple[tuple[str, str], ...]:
+    """``X-Xdsfast-Dns-Table-{Hosts,Names,Bytes}`` of the DNS name table served now."""
+    return tuple(
+        (f"X-Xdsfast-Dns-Table-{what.capitalize()}", str(int(count)))
+        for what, count in zip(_TABLE_STATS, stats, strict=True)
+    )
 
 
 def _json(value: Any) -> bytes:
@@ -599,8 +626,9 @@ def _json(value: Any) -> bytes:
     )
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    """(method, path, version, lower-cased headers) of a request head; raises _Refused."""
+def _parse_head(head: bytes) -> tuple[str, str, str, str, dict[str, str]]:
+    """(method, path, query, version, lower-cased headers) of a request head; raises
+    _Refused."""
     lines = head[:-4].decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3:
@@ -613,9 +641,10 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
             raise _Refused(505, "only HTTP/1.0 and HTTP/1.1 are served")
         raise _Refused(400, "malformed request line")
     if target.startswith("/"):
-        path = target.partition("?")[0]
+        path, _, query = target.partition("?")
     elif target.startswith(("http://", "https://")):  # absolute form
-        path = "/" + target.split("/", 3)[3].partition("?")[0] if target.count("/") >= 3 else "/"
+        rest = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = rest.partition("?")
     else:
         raise _Refused(400, "malformed request target")
     headers: dict[str, str] = {}
@@ -627,7 +656,7 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
         if key in headers and key in ("content-length", "host"):
             raise _Refused(400, f"repeated {name} header")
         headers[key] = value.strip(" \t")
-    return method, path, version, headers
+    return method, path, query, version, headers
 
 
 def _keep_alive(version: str, connection: str) -> bool:
