@@ -18,13 +18,13 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdsfast import _h2_py
 from xdsfast.engines import SERVICE, Code, Downstream, Mode, Status, StreamError
 from xdsfast.engines import fast as engine
+from xdsfast.engines.fast import _h2_py
 
 IMPLS: list[ModuleType] = [_h2_py]
 with contextlib.suppress(ImportError):
-    from xdsfast import _h2
+    from xdsfast.engines.fast import _h2
 
     IMPLS.append(_h2)
 

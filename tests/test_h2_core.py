@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xdsfast import _h2_py
 from xdsfast._errors import H2ConnectionError
+from xdsfast.engines.fast import _h2_py
 
 IMPLS: list[ModuleType] = [_h2_py]
 with contextlib.suppress(ImportError):
-    from xdsfast import _h2
+    from xdsfast.engines.fast import _h2
 
     IMPLS.append(_h2)
 

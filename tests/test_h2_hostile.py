@@ -23,14 +23,16 @@ import pytest_asyncio
 from conftest import XdsfastFactory, XdsfastProcess
 from support import free_port
 
+from xdsfast import _ext
 from xdsfast.engines import SERVICE, Downstream, Mode, Status, StreamError, fast
+from xdsfast.engines.fast import protocol
 from xdsfast.peers import mesh
 from xdsfast.peers.adsclient import AdsClient, StreamClosed
 from xdsfast.peers.backend import http_get
 from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.typeurls import CLUSTER
 
-core: Any = vars(fast)["_h2"]  # the engine's core, compiled or twin, as it chose
+core: Any = _ext.load("_h2")  # the engine's core, compiled or twin, as it chose
 MIB = 1 << 20
 FLOOD_LIMIT = 100 * MIB  # a flood stops here, or when the agent closes the connection
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -572,7 +574,7 @@ async def test_replies_to_a_peer_that_never_reads_are_capped(
     """PINGs within the rate budget (raised here), never reading the ACKs: once the
     transport is backed up, past 1000 replies the connection is ended, and dropped even
     though its peer does not read what is left."""
-    monkeypatch.setattr(fast, "CLOSE_GRACE", 0.2, raising=False)
+    monkeypatch.setattr(protocol, "CLOSE_GRACE", 0.2)
     srv = await make_server(Hold())
     sock = await connect(path_of(srv))
     await flood(sock, PREFACE + frame(SETTINGS, 0, 0), 1)
@@ -638,7 +640,7 @@ async def test_a_ping_after_each_response_is_never_cut(make_server: ServerFactor
 def test_a_prefix_whose_bytes_never_come_costs_little() -> None:
     """A stream the relay does not read yet allocates at most PREALLOC_UNREAD for a message
     it was promised (here 4 MiB, of which 100 bytes come), then grows as bytes arrive."""
-    compiled = pytest.importorskip("xdsfast._h2")
+    compiled = pytest.importorskip("xdsfast.engines.fast._h2")
     assembler = compiled.Assembler(4 * MIB)
     assembler.prealloc = compiled.PREALLOC_UNREAD
     chunk = b"\0" + struct.pack(">I", 4 * MIB) + b"x" * 100
@@ -655,7 +657,7 @@ def test_a_message_over_the_preallocation_is_not_copied_at_the_end() -> None:
     """An 80 MiB message (over PREALLOC_MAX, 64 MiB: istiod's pushes have no limit) grows
     in place up to its length and is handed out as it is: its size at the peak, not twice
     it (a bytearray, then its bytes copy)."""
-    compiled = pytest.importorskip("xdsfast._h2")
+    compiled = pytest.importorskip("xdsfast.engines.fast._h2")
     size = 80 * MIB
     assembler = compiled.Assembler(1 << 40)
     read = bytearray(b"m" * (256 << 10))  # what each read brings
@@ -678,7 +680,7 @@ def test_a_message_over_the_preallocation_is_not_copied_at_the_end() -> None:
 
 def test_hostile_lines_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
     """One warning per kind per interval, then a count of those not logged."""
-    hostile = fast._Hostile()
+    hostile = protocol._Hostile()
     with caplog.at_level("WARNING"):
         for _ in range(5):
             hostile.note("control_flood", "test", "flood of PING frames")

@@ -22,7 +22,7 @@ NO_EXTENSIONS: Final = bool(os.environ.get("XDSFAST_NO_EXTENSIONS"))
 #: Each compiled core (short name -> module path); its twin is the same path + ``_py``.
 CORES: Final = {
     "_core": "xdsfast._core",  # the wire peeker
-    "_h2": "xdsfast._h2",  # the fast engine's per-read path
+    "_h2": "xdsfast.engines.fast._h2",  # the fast engine's per-read path
     "_route": "xdsfast._route",  # the relay's per-message path
     "_dnstable": "xdsfast._dnstable",  # the DNS proxy's name table
 }

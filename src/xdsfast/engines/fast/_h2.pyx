@@ -302,7 +302,7 @@ cdef class Assembler:
 #
 # ``StreamCore`` and ``ConnCore`` hold the state the per-read path touches (windows, the
 # reassembler, the DATA frame being received) and run that path without a Python-level
-# call per frame.  The engine subclasses them (``engines/fast.py``) with everything that
+# call per frame.  The engine subclasses them (``protocol.py``) with everything that
 # is not per read: headers, settings, pings, GOAWAY, errors.  Those the core calls by name
 # (``on_frame``, ``on_end_stream``, ``abort``, ``engine_error``, ``stream_failed``,
 # ``check_not_idle``, ``unread_over``, ``bad_message``, ``sink_failed``, ``_wake_window``).
