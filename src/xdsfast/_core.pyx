@@ -151,7 +151,8 @@ cdef str _type_url(const uint8_t* buf, Scan* s, int slot):
         return ""
     for entry in _type_urls:
         raw = <bytes>entry[0]
-        if len(raw) == length and memcmp(<const char*>raw, buf + start, length) == 0:
+        if (PyBytes_GET_SIZE(raw) == length
+                and memcmp(PyBytes_AS_STRING(raw), buf + start, length) == 0):
             return <str>entry[1]
     text = _string(buf, s, slot)
     if len(_type_urls) < TYPE_URL_CACHE:

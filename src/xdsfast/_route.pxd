@@ -20,7 +20,7 @@ cdef class Latencies:
     cdef long long* _counts  # one per bound, then one above them all (+Inf)
     cdef Py_ssize_t _n
 
-    cpdef void observe(self, double value)
+    cpdef void observe(self, double value) noexcept
 
 
 cdef class Tally:

@@ -9,18 +9,10 @@ name are declared in ``_route.pxd``.
 import asyncio
 
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from xdsfast._clock cimport monotonic  # time.perf_counter(), as the twin reads it
 from xdsfast._errors import WireError
 from xdsfast.typeurls import LISTENER
-
-
-cdef inline double _perf_counter():
-    """``time.perf_counter()`` without a call into Python: both read CLOCK_MONOTONIC on
-    Linux, the platform the compiled modules are built for (``/debug/xds`` mixes them)."""
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef class Latencies:
@@ -52,7 +44,7 @@ cdef class Latencies:
         """Observations per bucket (not cumulative), ``+Inf`` last."""
         return [self._counts[i] for i in range(self._n + 1)]
 
-    cpdef void observe(self, double value):
+    cpdef void observe(self, double value) noexcept:
         cdef Py_ssize_t lo = 0, hi = self._n, mid
         while lo < hi:  # bisect_left: the first bound not below the value
             mid = (lo + hi) >> 1
@@ -158,7 +150,7 @@ cdef class RouteCore:
     def _response_sink(self, bytes data):
         """A response, in the engine's read callback: a type already forwarded as it is goes
         straight to Envoy when nothing would wait; anything else is _from_istiod's."""
-        cdef double arrived = _perf_counter()
+        cdef double arrived = monotonic()
         try:
             response = self._peek_response(data)
         except WireError:
@@ -223,7 +215,7 @@ cdef class RouteCore:
             state._totals.response += size
         else:
             state.totals.response += size
-        state.pushed = written = _perf_counter()
+        state.pushed = written = monotonic()
         if self._latencies is not None:
             Latencies.observe(self._latencies, written - arrived)
         else:
