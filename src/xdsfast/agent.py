@@ -101,6 +101,7 @@ class Agent:
             ready=self.readiness,
             metrics=self.metrics.exposition,
             ndsz=lambda: self.dns_table.table,
+            ndsz_stats=self.dns_table.stats,
             xds=self.relay.debug_state,
         )
         self._expose_hostile()
