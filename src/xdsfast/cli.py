@@ -232,6 +232,8 @@ def _cmd_dig(args: argparse.Namespace) -> int:
 
 
 def _add_run_flags(run: argparse.ArgumentParser) -> None:
+    from xdsfast import config  # the defaults, each named once there
+
     run.add_argument(
         "--discovery-address",
         metavar="ADDR",
@@ -239,7 +241,9 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         "else istiod.istio-system.svc:15012)",
     )
     run.add_argument(
-        "--xds-socket", metavar="PATH", help="Envoy's Unix socket (default ./etc/istio/proxy/XDS)"
+        "--xds-socket",
+        metavar="PATH",
+        help=f"Envoy's Unix socket (default {config.DEFAULT_CONFIG_PATH}/XDS)",
     )
     run.add_argument("--xds-listen", metavar="HOST:PORT", help="also serve Envoy on TCP")
     run.add_argument(
@@ -256,10 +260,14 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         "ISTIO_META_ENABLE_DNS_SERVER)",
     )
     run.add_argument(
-        "--dns-address", metavar="HOST:PORT", help="DNS proxy (default localhost:15053)"
+        "--dns-address",
+        metavar="HOST:PORT",
+        help=f"DNS proxy (default {config.DEFAULT_DNS_ADDRESS})",
     )
     run.add_argument(
-        "--resolv-conf", metavar="PATH", help="upstream resolvers (default /etc/resolv.conf)"
+        "--resolv-conf",
+        metavar="PATH",
+        help=f"upstream resolvers (default {config.DEFAULT_RESOLV_CONF})",
     )
     run.add_argument(
         "--dns-upstream",
@@ -273,7 +281,9 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         help="the proxy's DNS domain (default <POD_NAMESPACE>.svc.cluster.local)",
     )
     run.add_argument(
-        "--status-address", metavar="HOST:PORT", help="status server (default 0.0.0.0:15020)"
+        "--status-address",
+        metavar="HOST:PORT",
+        help=f"status server (default {config.DEFAULT_STATUS_ADDRESS})",
     )
     run.add_argument(
         "--grpc-bootstrap",
@@ -291,12 +301,12 @@ def _add_run_flags(run: argparse.ArgumentParser) -> None:
         "--token-path",
         metavar="PATH",
         help="bearer token for istiod, read at every new stream "
-        "(default ./var/run/secrets/tokens/istio-token; missing = no token)",
+        f"(default {config.DEFAULT_TOKEN_PATH}; missing = no token)",
     )
     run.add_argument(
         "--wasm-cache-dir",
         metavar="DIR",
-        help="where remote Wasm modules are cached (default /var/lib/istio/data)",
+        help=f"where remote Wasm modules are cached (default {config.DEFAULT_WASM_CACHE_DIR})",
     )
     run.add_argument("--log-level", metavar="LEVEL", help="debug, info, warn, error or none")
     run.add_argument("--log-format", metavar="FORMAT", help="text or json")
@@ -375,7 +385,7 @@ def _add_inspect_commands(sub: Any) -> None:
     dig.add_argument(
         "--dns-address",
         metavar="ADDR",
-        help="the agent's DNS proxy, HOST:PORT (default: DNS_PROXY_ADDR, else localhost:15053)",
+        help="the agent's DNS proxy, HOST:PORT (default: DNS_PROXY_ADDR, else the agent's default)",
     )
     dig.add_argument(
         "--timeout",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from xdsfast import log
-from xdsfast.config import DEFAULT_DNS_ADDRESS, Config, split_host_port
+from xdsfast.config import DEFAULT_DNS_ADDRESS, DEFAULT_RESOLV_CONF, Config, split_host_port
 from xdsfast.dns import resolvconf
 from xdsfast.dns.forward import Forwarder
 from xdsfast.dns.handler import Handler
@@ -29,7 +29,6 @@ from xdsfast.metrics import Registry
 
 _log = log.scope("dns")
 
-DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 ISTIO_RESOLV_CONF = "/var/lib/istio/resolv.conf"
 
 

@@ -21,6 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
+from xdsfast.config import (
+    DEFAULT_WASM_HTTP_MAX_RETRIES,
+    DEFAULT_WASM_HTTP_REQUEST_TIMEOUT,
+    DEFAULT_WASM_MAX_BINARY_SIZE,
+)
+
 _MAX_REDIRECTS = 10
 _MAX_HEAD = 64 * 1024
 _CHUNK = 64 * 1024
@@ -43,9 +49,9 @@ class FetchError(Exception):
 class FetchSettings:
     """How downloads are made (from ``Config``)."""
 
-    attempt_timeout: float = 15.0  # WASM_HTTP_REQUEST_TIMEOUT
-    max_attempts: int = 5  # WASM_HTTP_REQUEST_MAX_RETRIES
-    max_size: int = 256 * 1024 * 1024  # ISTIO_WASM_MAX_BINARY_SIZE_BYTES
+    attempt_timeout: float = DEFAULT_WASM_HTTP_REQUEST_TIMEOUT
+    max_attempts: int = DEFAULT_WASM_HTTP_MAX_RETRIES
+    max_size: int = DEFAULT_WASM_MAX_BINARY_SIZE
     insecure_hosts: tuple[str, ...] = ()  # WASM_INSECURE_REGISTRIES ("*" = all)
     blocked: tuple[Network, ...] = field(default_factory=tuple)  # BLOCKED_CIDRS_IN_WASM_FETCH
 
