@@ -17,6 +17,8 @@ the event loop nothing while it is built.  The result is flat buffers:
 
 Replies are written per query into one reused buffer, exactly as the twin's
 docstring says (rotation counter included), and copied out as one bytes object.
+The records, the table's fields and the cdef signatures are declared in
+``_dnstable.pxd``.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
@@ -74,12 +76,6 @@ def next_turn():
 
 # -- growable buffers (build scratch and the table's own) -------------------------------------
 
-ctypedef struct Buf:
-    uint8_t* p
-    size_t n
-    size_t cap
-
-
 cdef int grow(Buf* b, size_t extra) noexcept nogil:
     cdef size_t want = b.n + extra
     cdef size_t cap
@@ -112,40 +108,6 @@ cdef void shrink(Buf* b) noexcept nogil:
         if q != NULL:
             b.p = q
             b.cap = b.n
-
-
-ctypedef struct Name:
-    uint32_t off  # into wires: the labels (root byte excluded)
-    uint32_t ref  # cname == 0: address set; else the target's record
-    uint32_t hash  # of the lowercased wire name (the index grows without reading names)
-    uint8_t len  # bytes of labels
-    uint8_t cname
-
-ctypedef struct AddrSet:
-    uint32_t off  # into addrs: n4 IPv4 addresses, then n6 IPv6 addresses
-    uint32_t n4
-    uint32_t n6
-
-ctypedef struct Entry:  # a NameTable map entry, during the build
-    const uint8_t* key
-    uint32_t klen
-    uint32_t val
-    uint32_t vlen
-    uint32_t aset  # NONE: no usable address
-    uint32_t own_off  # the own name's labels in wires (NONE: not a DNS name)
-    uint32_t own_len
-
-ctypedef struct Str:
-    const uint8_t* p
-    size_t n
-
-ctypedef struct Rules:
-    Str ns
-    Str domain  # the proxy domain, svc.cluster.local
-    Str first  # its first label, svc
-    Str suffix  # the first search domain, default.svc.cluster.local. ("" if none)
-    uint8_t swire[256]  # its wire form
-    size_t swire_n  # 0: no usable search domain
 
 
 # -- protobuf wire reading ----------------------------------------------------------------------
@@ -266,12 +228,6 @@ cdef int parse_entries(const uint8_t* p, size_t n, Buf* out) noexcept nogil:
 
 # -- naming rules -------------------------------------------------------------------------------
 
-ctypedef struct Info:
-    Str registry
-    Str shortname
-    Str namespace
-
-
 cdef int parse_info(const uint8_t* p, size_t n, Info* info, Buf* v4, Buf* v6) noexcept nogil:
     """Singular fields (the last of each wins) and the addresses, packed by family."""
     cdef size_t pos = 0
@@ -309,13 +265,6 @@ cdef inline int ends_with(Str a, Str b) noexcept nogil:
 
 cdef inline int equal(Str a, Str b) noexcept nogil:
     return a.n == b.n and memcmp(a.p, b.p, a.n) == 0
-
-
-ctypedef struct Cand:  # one name of an entry: its dotted form and wire labels in a scratch Buf
-    uint32_t dot_off
-    uint32_t dot_len
-    uint32_t wire_off
-    int32_t wire_len  # labels only; -1: not a DNS name
 
 
 cdef int add_name(Buf* text, Buf* cands, Str a, Str b, Str c, int dots) noexcept nogil:
@@ -473,18 +422,6 @@ cdef inline uint32_t hash_of(const uint8_t* q, size_t n) noexcept nogil:
 
 cdef class CompiledTable:
     """The names of one NameTable, ready to answer; immutable once built."""
-
-    cdef Buf wires
-    cdef Buf names_buf
-    cdef Buf sets
-    cdef Buf addrs
-    cdef uint32_t* slots
-    cdef uint32_t mask
-    cdef uint8_t swire[256]
-    cdef size_t swire_n
-    cdef readonly Py_ssize_t hosts
-    cdef readonly Py_ssize_t names
-    cdef uint8_t out[65536 + 512]
 
     def __dealloc__(self):
         free(self.wires.p)
