@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from hypothesis import strategies as st
 
 from xdsfast.engines import SERVICE, Code, Downstream, Mode, Status, StreamError
 from xdsfast.engines import fast as engine
-from xdsfast.engines.fast import _h2_py
+from xdsfast.engines.fast import _h2_py, h2numbers
+from xdsfast.engines.fast.h2numbers import ErrorCode, Flag, FrameType, SettingCode
 
 IMPLS: list[ModuleType] = [_h2_py]
 with contextlib.suppress(ImportError):
@@ -125,6 +127,44 @@ def test_data_frames_carry_the_message_in_pieces(
     ]
 
 
+def pxd_enums(text: str) -> dict[str, dict[str, int]]:
+    """Each ``cdef enum`` of a .pxd (the anonymous one as ""): its members and values.
+    Any other line inside an enum fails, so nothing in one goes unchecked."""
+    enums: dict[str, dict[str, int]] = {}
+    members: dict[str, int] | None = None
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if (head := re.fullmatch(r"cdef enum ?(\w*):", line)) is not None:
+            members = enums.setdefault(head.group(1), {})
+        elif line.startswith(" "):
+            member = re.fullmatch(r" {4}(\w+) = (\w+)", line)
+            assert members is not None and member is not None, line
+            members[member.group(1)] = int(member.group(2), 0)
+        else:
+            members = None
+    return enums
+
+
+def test_the_compiled_cores_numbers_are_the_registrys() -> None:
+    """h2numbers.pxd (compile-time constants for _h2.pyx) holds h2numbers.py's numbers:
+    the same members, the same values, so the two cannot drift.  (Enum members share C's
+    one namespace: the PRIORITY flag is PRIORITY_FLAG there.)"""
+    pxd = Path(h2numbers.__file__).with_suffix(".pxd").read_text()
+    registry: dict[str, dict[str, int]] = {
+        enum.__name__: {
+            "PRIORITY_FLAG" if enum is Flag and name == "PRIORITY" else name: int(member)
+            for name, member in enum.__members__.items()  # (aliases too: ACK)
+        }
+        for enum in (FrameType, Flag, ErrorCode, SettingCode)
+    }
+    registry[""] = {
+        name: getattr(h2numbers, name)
+        for name in ("DEFAULT_WINDOW", "MAX_WINDOW", "DEFAULT_FRAME", "MAX_FRAME")
+    }
+    assert pxd_enums(pxd) == registry
+
+
 @given(data=st.binary(max_size=3000), pos=st.integers(0, 40), max_size=st.integers(0, 70_000))
 @settings(max_examples=300, deadline=None)
 def test_twins_agree_on_any_bytes(data: bytes, pos: int, max_size: int) -> None:
@@ -191,7 +231,7 @@ class Raw:
         raw = cls(reader, writer)
         if hello:
             settings = b"" if window is None else struct.pack(">HI", 4, window)
-            raw.send(engine.PREFACE + frame(engine.SETTINGS, 0, 0, settings))
+            raw.send(engine.PREFACE + frame(FrameType.SETTINGS, 0, 0, settings))
         return raw
 
     def send(self, data: bytes) -> None:
@@ -205,8 +245,8 @@ class Raw:
             [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
              ("content-type", "application/grpc"), ("te", "trailers")]
         )  # fmt: skip
-        flags = engine.END_HEADERS | (engine.END_STREAM if end else 0)
-        return frame(engine.HEADERS, flags, sid, block)
+        flags = Flag.END_HEADERS | (Flag.END_STREAM if end else 0)
+        return frame(FrameType.HEADERS, flags, sid, block)
 
     async def frame(self, timeout: float = 5.0) -> tuple[int, int, int, bytes] | None:
         """The next frame, or None at EOF."""
@@ -229,7 +269,7 @@ class Raw:
 
     async def goaway_code(self) -> int | None:
         """The GOAWAY's error code, then EOF; None when the server just closed."""
-        got = await self.until(engine.GOAWAY)
+        got = await self.until(FrameType.GOAWAY)
         if got is None:
             return None
         assert await self.until() is None  # the connection closes after it
@@ -255,36 +295,52 @@ def grpc_message(data: bytes, compressed: int = 0) -> bytes:
 ERROR_CODES = range(1, 14)
 
 BAD = {
-    "bad preface": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 20, False, engine.PROTOCOL_ERROR),
-    "not SETTINGS first": (engine.PREFACE + frame(engine.PING, 0, 0, b"12345678"), False, 1),
-    "oversized frame": (b"\xff\xff\xff\x00\x00\x00\x00\x00\x01", True, engine.FRAME_SIZE_ERROR),
-    "DATA on stream 0": (frame(engine.DATA, 0, 0, b"abc"), True, engine.PROTOCOL_ERROR),
-    "DATA on an idle stream": (frame(engine.DATA, 0, 7, b"abc"), True, engine.PROTOCOL_ERROR),
-    "HEADERS on an even stream": (None, True, engine.PROTOCOL_ERROR),
-    "CONTINUATION alone": (frame(engine.CONTINUATION, 4, 1, b""), True, engine.PROTOCOL_ERROR),
-    "PING not 8 bytes": (frame(engine.PING, 0, 0, b"1234"), True, engine.FRAME_SIZE_ERROR),
-    "PING on a stream": (frame(engine.PING, 0, 1, b"12345678"), True, engine.PROTOCOL_ERROR),
-    "SETTINGS length": (frame(engine.SETTINGS, 0, 0, b"12345"), True, engine.FRAME_SIZE_ERROR),
+    "bad preface": (
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 20,
+        False,
+        ErrorCode.PROTOCOL_ERROR,
+    ),
+    "not SETTINGS first": (engine.PREFACE + frame(FrameType.PING, 0, 0, b"12345678"), False, 1),
+    "oversized frame": (b"\xff\xff\xff\x00\x00\x00\x00\x00\x01", True, ErrorCode.FRAME_SIZE_ERROR),
+    "DATA on stream 0": (frame(FrameType.DATA, 0, 0, b"abc"), True, ErrorCode.PROTOCOL_ERROR),
+    "DATA on an idle stream": (frame(FrameType.DATA, 0, 7, b"abc"), True, ErrorCode.PROTOCOL_ERROR),
+    "HEADERS on an even stream": (None, True, ErrorCode.PROTOCOL_ERROR),
+    "CONTINUATION alone": (
+        frame(FrameType.CONTINUATION, 4, 1, b""),
+        True,
+        ErrorCode.PROTOCOL_ERROR,
+    ),
+    "PING not 8 bytes": (frame(FrameType.PING, 0, 0, b"1234"), True, ErrorCode.FRAME_SIZE_ERROR),
+    "PING on a stream": (frame(FrameType.PING, 0, 1, b"12345678"), True, ErrorCode.PROTOCOL_ERROR),
+    "SETTINGS length": (
+        frame(FrameType.SETTINGS, 0, 0, b"12345"),
+        True,
+        ErrorCode.FRAME_SIZE_ERROR,
+    ),
     "SETTINGS window too large": (
-        frame(engine.SETTINGS, 0, 0, struct.pack(">HI", 4, 2**31)),
+        frame(FrameType.SETTINGS, 0, 0, struct.pack(">HI", 4, 2**31)),
         True,
         3,
     ),
     "SETTINGS frame size too small": (
-        frame(engine.SETTINGS, 0, 0, struct.pack(">HI", 5, 100)),
+        frame(FrameType.SETTINGS, 0, 0, struct.pack(">HI", 5, 100)),
         True,
-        engine.PROTOCOL_ERROR,
+        ErrorCode.PROTOCOL_ERROR,
     ),
-    "window overflow": (frame(engine.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1)), True, 3),
-    "WINDOW_UPDATE of 0": (frame(engine.WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), True, 1),
-    "WINDOW_UPDATE length": (frame(engine.WINDOW_UPDATE, 0, 0, b"\0\0\1"), True, 6),
-    "RST_STREAM on stream 0": (frame(engine.RST_STREAM, 0, 0, b"\0\0\0\0"), True, 1),
-    "RST_STREAM on idle stream": (frame(engine.RST_STREAM, 0, 9, b"\0\0\0\0"), True, 1),
-    "PRIORITY length": (frame(engine.PRIORITY, 0, 1, b"\0"), True, engine.FRAME_SIZE_ERROR),
-    "PUSH_PROMISE": (frame(engine.PUSH_PROMISE, 4, 1, b"\0\0\0\2"), True, 1),
-    "GOAWAY on a stream": (frame(engine.GOAWAY, 0, 1, b"\0" * 8), True, 1),
-    "HPACK garbage": (frame(engine.HEADERS, 4, 1, b"\xff\xff\xff\xff\xff"), True, 9),
-    "padding past HEADERS": (frame(engine.HEADERS, 0x8 | 4, 1, b"\x09abc"), True, 1),
+    "window overflow": (
+        frame(FrameType.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1)),
+        True,
+        3,
+    ),
+    "WINDOW_UPDATE of 0": (frame(FrameType.WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), True, 1),
+    "WINDOW_UPDATE length": (frame(FrameType.WINDOW_UPDATE, 0, 0, b"\0\0\1"), True, 6),
+    "RST_STREAM on stream 0": (frame(FrameType.RST_STREAM, 0, 0, b"\0\0\0\0"), True, 1),
+    "RST_STREAM on idle stream": (frame(FrameType.RST_STREAM, 0, 9, b"\0\0\0\0"), True, 1),
+    "PRIORITY length": (frame(FrameType.PRIORITY, 0, 1, b"\0"), True, ErrorCode.FRAME_SIZE_ERROR),
+    "PUSH_PROMISE": (frame(FrameType.PUSH_PROMISE, 4, 1, b"\0\0\0\2"), True, 1),
+    "GOAWAY on a stream": (frame(FrameType.GOAWAY, 0, 1, b"\0" * 8), True, 1),
+    "HPACK garbage": (frame(FrameType.HEADERS, 4, 1, b"\xff\xff\xff\xff\xff"), True, 9),
+    "padding past HEADERS": (frame(FrameType.HEADERS, 0x8 | 4, 1, b"\x09abc"), True, 1),
 }
 
 
@@ -302,8 +358,8 @@ async def test_protocol_errors_end_in_goaway_with_the_right_code(
 async def served_again(server: engine.FastServer) -> None:
     """The server still serves (a fresh connection, a round trip)."""
     raw = await Raw.open(socket_path(server))
-    raw.send(raw.headers(1) + frame(engine.DATA, 0, 1, grpc_message(b"ping")))
-    got = await raw.until(engine.DATA)
+    raw.send(raw.headers(1) + frame(FrameType.DATA, 0, 1, grpc_message(b"ping")))
+    got = await raw.until(FrameType.DATA)
     assert got is not None and got[3] == grpc_message(b"ping")
     raw.close()
 
@@ -311,46 +367,46 @@ async def served_again(server: engine.FastServer) -> None:
 async def test_continuation_interrupted_by_another_frame(server: engine.FastServer) -> None:
     raw = await Raw.open(socket_path(server))
     block = raw.headers(1)[9:]
-    raw.send(frame(engine.HEADERS, 0, 1, block[:3]) + frame(engine.PING, 0, 0, b"12345678"))
-    assert await raw.goaway_code() == engine.PROTOCOL_ERROR
+    raw.send(frame(FrameType.HEADERS, 0, 1, block[:3]) + frame(FrameType.PING, 0, 0, b"12345678"))
+    assert await raw.goaway_code() == ErrorCode.PROTOCOL_ERROR
 
 
 async def test_headers_split_over_continuation_and_padding(server: engine.FastServer) -> None:
     raw = await Raw.open(socket_path(server))
     block = raw.headers(1)[9:]
     raw.send(
-        frame(engine.HEADERS, engine.PADDED | engine.PRIORITY_FLAG, 1,
+        frame(FrameType.HEADERS, Flag.PADDED | Flag.PRIORITY, 1,
               b"\x02" + b"\0\0\0\0\x10" + block[:4] + b"\0\0")
-        + frame(engine.CONTINUATION, 0, 1, block[4:10])
-        + frame(engine.CONTINUATION, engine.END_HEADERS, 1, block[10:])
-        + frame(engine.PRIORITY, 0, 1, b"\0\0\0\0\x10")
-        + frame(engine.DATA, engine.PADDED, 1, b"\x03" + grpc_message(b"hello")[:4] + b"\0\0\0")
-        + frame(engine.DATA, 0, 1, grpc_message(b"hello")[4:])
+        + frame(FrameType.CONTINUATION, 0, 1, block[4:10])
+        + frame(FrameType.CONTINUATION, Flag.END_HEADERS, 1, block[10:])
+        + frame(FrameType.PRIORITY, 0, 1, b"\0\0\0\0\x10")
+        + frame(FrameType.DATA, Flag.PADDED, 1, b"\x03" + grpc_message(b"hello")[:4] + b"\0\0\0")
+        + frame(FrameType.DATA, 0, 1, grpc_message(b"hello")[4:])
     )  # fmt: skip
-    got = await raw.until(engine.DATA)
+    got = await raw.until(FrameType.DATA)
     assert got is not None and got[3] == grpc_message(b"hello")
 
 
 async def test_ping_is_answered_with_the_same_payload(server: engine.FastServer) -> None:
     raw = await Raw.open(socket_path(server))
-    raw.send(frame(engine.PING, 0, 0, b"abcdefgh"))
-    got = await raw.until(engine.PING)
-    assert got == (engine.PING, engine.ACK, 0, b"abcdefgh")
+    raw.send(frame(FrameType.PING, 0, 0, b"abcdefgh"))
+    got = await raw.until(FrameType.PING)
+    assert got == (FrameType.PING, Flag.ACK, 0, b"abcdefgh")
 
 
 async def test_unknown_path_is_trailers_only_unimplemented(server: engine.FastServer) -> None:
     raw = await Raw.open(socket_path(server))
     raw.send(raw.headers(1, path="/no.Such/Method", end=True))
-    got = await raw.until(engine.HEADERS)
-    assert got is not None and got[1] & engine.END_STREAM
+    got = await raw.until(FrameType.HEADERS)
+    assert got is not None and got[1] & Flag.END_STREAM
     headers = raw.fields(got[3])
     assert headers["grpc-status"] == "12" and headers[":status"] == "200"
 
 
 async def test_compressed_message_fails_the_stream(server: engine.FastServer) -> None:
     raw = await Raw.open(socket_path(server))
-    raw.send(raw.headers(1) + frame(engine.DATA, 0, 1, grpc_message(b"z", compressed=1)))
-    got = await raw.until(engine.HEADERS)
+    raw.send(raw.headers(1) + frame(FrameType.DATA, 0, 1, grpc_message(b"z", compressed=1)))
+    got = await raw.until(FrameType.HEADERS)
     assert got is not None
     assert raw.fields(got[3])["grpc-status"] == str(int(Code.INTERNAL))
 
@@ -359,8 +415,8 @@ async def test_message_over_the_receive_limit_is_resource_exhausted(
     server: engine.FastServer,
 ) -> None:
     raw = await Raw.open(socket_path(server))
-    raw.send(raw.headers(1) + frame(engine.DATA, 0, 1, b"\0" + struct.pack(">I", 1 << 20)))
-    got = await raw.until(engine.HEADERS)
+    raw.send(raw.headers(1) + frame(FrameType.DATA, 0, 1, b"\0" + struct.pack(">I", 1 << 20)))
+    got = await raw.until(FrameType.HEADERS)
     assert got is not None
     headers = raw.fields(got[3])
     assert headers["grpc-status"] == str(int(Code.RESOURCE_EXHAUSTED))
@@ -386,7 +442,7 @@ async def test_reset_stream_cancels_the_handler(short_tmp: Path) -> None:
         raw = await Raw.open(socket_path(srv))
         raw.send(raw.headers(1))
         await asyncio.wait_for(started.wait(), 5)
-        raw.send(frame(engine.RST_STREAM, 0, 1, struct.pack(">I", engine.CANCEL)))
+        raw.send(frame(FrameType.RST_STREAM, 0, 1, struct.pack(">I", ErrorCode.CANCEL)))
         await asyncio.wait_for(cancelled.wait(), 5)
     finally:
         await srv.stop(0)
@@ -396,18 +452,18 @@ async def test_a_slow_reader_backpressures_the_sender(server: engine.FastServer)
     """The peer's stream window (here 100 bytes) bounds what the engine writes."""
     raw = await Raw.open(socket_path(server), window=100)
     message = bytes(range(256)) * 4
-    raw.send(raw.headers(1) + frame(engine.DATA, 0, 1, grpc_message(message)))
+    raw.send(raw.headers(1) + frame(FrameType.DATA, 0, 1, grpc_message(message)))
     received = b""
     while len(received) < 100:
-        got = await raw.until(engine.DATA)
+        got = await raw.until(FrameType.DATA)
         assert got is not None
         received += got[3]
     assert len(received) == 100  # not a byte more until the window opens
     (conn,) = server.connections
     assert conn.streams[1].send_window == 0
-    raw.send(frame(engine.WINDOW_UPDATE, 0, 1, struct.pack(">I", 10_000)))
+    raw.send(frame(FrameType.WINDOW_UPDATE, 0, 1, struct.pack(">I", 10_000)))
     while len(received) < len(message) + 5:
-        got = await raw.until(engine.DATA)
+        got = await raw.until(FrameType.DATA)
         assert got is not None
         received += got[3]
     assert received == grpc_message(message)
@@ -425,22 +481,22 @@ async def test_unconsumed_requests_are_not_credited(short_tmp: Path) -> None:
         window = engine.STREAM_WINDOW
         sent = 0
         while sent + len(chunk) <= window:  # all the window the server gave
-            raw.send(frame(engine.DATA, 0, 1, chunk))
+            raw.send(frame(FrameType.DATA, 0, 1, chunk))
             sent += len(chunk)
-        raw.send(frame(engine.PING, 0, 0, b"syncsync"))
-        while (got := await raw.until(engine.PING, engine.WINDOW_UPDATE)) is not None:
-            assert not (got[0] == engine.WINDOW_UPDATE and got[2] == 1), "credited unread data"
-            if got[0] == engine.PING:
+        raw.send(frame(FrameType.PING, 0, 0, b"syncsync"))
+        while (got := await raw.until(FrameType.PING, FrameType.WINDOW_UPDATE)) is not None:
+            assert not (got[0] == FrameType.WINDOW_UPDATE and got[2] == 1), "credited unread data"
+            if got[0] == FrameType.PING:
                 break
         (conn,) = srv.connections
         assert conn.streams[1].held == sent
         hold.release.set()
-        got = await raw.until(engine.WINDOW_UPDATE)
+        got = await raw.until(FrameType.WINDOW_UPDATE)
         while got is not None and got[2] != 1:
-            got = await raw.until(engine.WINDOW_UPDATE)
+            got = await raw.until(FrameType.WINDOW_UPDATE)
         assert got is not None
-        raw.send(frame(engine.DATA, engine.END_STREAM, 1, b""))
-        await raw.until(engine.HEADERS)
+        raw.send(frame(FrameType.DATA, Flag.END_STREAM, 1, b""))
+        await raw.until(FrameType.HEADERS)
         assert len(hold.got) == sent // len(chunk)
     finally:
         await srv.stop(0)
@@ -514,12 +570,12 @@ def test_the_sink_never_reorders_messages(
             pos, i = 0, 0
             while pos < len(payload):  # in pieces, each a DATA frame, yielding in between
                 piece = payload[pos : pos + cuts[i % len(cuts)]]
-                raw.send(frame(engine.DATA, 0, 1, piece))
+                raw.send(frame(FrameType.DATA, 0, 1, piece))
                 await raw.writer.drain()
                 await asyncio.sleep(0)
                 pos, i = pos + len(piece), i + 1
-            raw.send(frame(engine.DATA, engine.END_STREAM, 1))
-            assert await raw.until(engine.HEADERS) is not None
+            raw.send(frame(FrameType.DATA, Flag.END_STREAM, 1))
+            assert await raw.until(FrameType.HEADERS) is not None
             return handler.got
 
     got = asyncio.run(scenario())
@@ -531,12 +587,12 @@ def test_the_sink_never_reorders_messages(
 async def test_the_sink_takes_messages_while_recv_waits(short_tmp: Path) -> None:
     """The synchronous path is taken when it may be: recv() parked, nothing queued."""
     async with sinking_stream(short_tmp / "t.sock") as (handler, raw):
-        raw.send(frame(engine.DATA, 0, 1, grpc_message(b"T-alone")))
-        raw.send(frame(engine.PING, 0, 0, b"syncsync"))
-        assert await raw.until(engine.PING) is not None  # the server read the DATA before
+        raw.send(frame(FrameType.DATA, 0, 1, grpc_message(b"T-alone")))
+        raw.send(frame(FrameType.PING, 0, 0, b"syncsync"))
+        assert await raw.until(FrameType.PING) is not None  # the server read the DATA before
         assert handler.got == [("sink", b"T-alone")]
-        raw.send(frame(engine.DATA, engine.END_STREAM, 1, grpc_message(b"R-last")))
-        assert await raw.until(engine.HEADERS) is not None
+        raw.send(frame(FrameType.DATA, Flag.END_STREAM, 1, grpc_message(b"R-last")))
+        assert await raw.until(FrameType.HEADERS) is not None
         assert handler.got == [("sink", b"T-alone"), ("recv", b"R-last")]
 
 
@@ -557,9 +613,9 @@ def test_fuzz_garbage_after_a_valid_handshake(short_tmp: Path, garbage: bytes, s
                 raw.send(garbage[i : i + split])
             # Zeros complete any frame the garbage left open (then read as DATA on stream 0,
             # a protocol error), so the server always has something to answer.
-            raw.send(bytes(engine.RECV_FRAME + 9) + frame(engine.PING, 0, 0, b"fuzzdone"))
+            raw.send(bytes(engine.RECV_FRAME + 9) + frame(FrameType.PING, 0, 0, b"fuzzdone"))
             while (got := await raw.frame(timeout=5)) is not None:
-                if got[0] == engine.GOAWAY:
+                if got[0] == FrameType.GOAWAY:
                     assert int.from_bytes(got[3][4:8], "big") in ERROR_CODES
             for conn in srv.connections:
                 assert len(conn.buf) <= engine.RECV_FRAME + 9

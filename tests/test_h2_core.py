@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from xdsfast._errors import H2ConnectionError
 from xdsfast.engines.fast import _h2_py
+from xdsfast.engines.fast.h2numbers import Flag, FrameType
 
 IMPLS: list[ModuleType] = [_h2_py]
 with contextlib.suppress(ImportError):
@@ -24,8 +25,6 @@ with contextlib.suppress(ImportError):
 
     IMPLS.append(_h2)
 
-DATA, RST_STREAM, PING, WINDOW_UPDATE = 0, 3, 6, 8
-END_STREAM, PADDED = 0x1, 0x8
 LOCAL_WINDOW = 4096  # small, so credit goes out as WINDOW_UPDATE within an example
 RECV_FRAME = 2048
 MAX_MESSAGE = 600
@@ -73,7 +72,7 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
             self, view: memoryview, ftype: int, flags: int, sid: int, s: int, e: int
         ) -> None:
             log.append(("frame", ftype, flags, sid, bytes(view[s:e])))
-            if ftype == PING and e - s != 8:
+            if ftype == FrameType.PING and e - s != 8:
                 raise H2ConnectionError(6, "PING is not 8 bytes")
 
         def on_end_stream(self, stream: Any) -> None:
@@ -163,7 +162,7 @@ messages = st.lists(st.builds(grpc, bodies, st.sampled_from([0, 0, 0, 1])), max_
 data_frames = st.builds(
     lambda sid, flags, msgs, pad: (sid, flags, b"".join(msgs), pad),
     st.sampled_from([1, 1, 1, 3, 5, 7, 0]),
-    st.sampled_from([0, 0, END_STREAM, PADDED]),
+    st.sampled_from([0, 0, Flag.END_STREAM, Flag.PADDED]),
     messages,
     st.integers(0, 9),
 )
@@ -175,22 +174,24 @@ def wire(draw: st.DrawFn) -> bytes:
     for kind in draw(st.lists(st.sampled_from("DDDDWPG"), max_size=12)):
         if kind == "D":
             sid, flags, payload, pad = draw(data_frames)
-            if flags & PADDED:
+            if flags & Flag.PADDED:
                 payload = bytes((pad,)) + payload + b"\0" * pad
             while True:  # as DATA frames no larger than the limit (one may be over: an error)
                 limit = RECV_FRAME + draw(st.sampled_from([0, 0, 0, 0, 1]))
                 piece, payload = payload[:limit], payload[limit:]
                 last = not payload
-                out.append(header(len(piece), DATA, flags if last else 0, sid) + piece)
+                out.append(header(len(piece), FrameType.DATA, flags if last else 0, sid) + piece)
                 if last:
                     break
         elif kind == "W":
             sid = draw(st.sampled_from([0, 1, 3, 9]))
             increment = draw(st.sampled_from([0, 1, 500, 2**31 - 1]))
             size = draw(st.sampled_from([4, 4, 4, 3]))
-            out.append(header(size, WINDOW_UPDATE, 0, sid) + struct.pack(">I", increment)[:size])
+            out.append(
+                header(size, FrameType.WINDOW_UPDATE, 0, sid) + struct.pack(">I", increment)[:size]
+            )
         elif kind == "P":
-            out.append(header(8, PING, 0, 0) + b"pingpong")
+            out.append(header(8, FrameType.PING, 0, 0) + b"pingpong")
         else:
             out.append(draw(st.binary(max_size=30)))
     return b"".join(out)
@@ -227,13 +228,15 @@ def test_messages_go_to_the_sink_and_the_rest_are_queued_in_order(h2: ModuleType
     conn, log = build(h2)
     wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     payload = grpc(b"T1") + grpc(b"R2") + grpc(b"T3")
-    wire += header(len(payload), DATA, 0, 1) + payload
+    wire += header(len(payload), FrameType.DATA, 0, 1) + payload
     for i in range(len(wire)):  # one byte a read: every cut there is
         conn.data_received(wire[i : i + 1])
     stream = conn.streams[1]
     assert [entry for entry in log if entry[0] == "sink"] == [("sink", b"T1"), ("sink", b"R2")]
     assert list(stream.messages) == [b"R2", b"T3"]  # T3 is not offered: R2 is queued first
-    assert conn.transport.out == [header(7, DATA, 0, 3) + grpc(b"T1")]  # the sink's try_send
+    assert conn.transport.out == [
+        header(7, FrameType.DATA, 0, 3) + grpc(b"T1")
+    ]  # the sink's try_send
     # The frame was credited when T1 was taken with nothing queued: in a batch, not yet sent.
     assert (stream.held, stream.credit, conn.conn_credit) == (0, len(payload), len(payload))
 
@@ -253,7 +256,7 @@ def test_offer_queued_hands_the_sink_what_queued_until_it_declines(h2: ModuleTyp
     assert not stream.messages
     assert (stream.held, stream.credit) == (0, 40)  # emptied: all of it credited
     assert conn.transport.out == [
-        header(len(m) + 5, DATA, 0, 3) + grpc(m) for m in (b"T1", b"T2", b"T4")
+        header(len(m) + 5, FrameType.DATA, 0, 3) + grpc(m) for m in (b"T1", b"T2", b"T4")
     ]  # the sink's try_send, in order
     stream.messages.append(b"X5")  # a bug in the sink: recv() gets it, the sink is dropped
     stream.offer_queued()
@@ -273,9 +276,9 @@ def test_a_coalescing_connection_writes_what_one_read_made_at_once(
     wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     payload = grpc(b"T1") + grpc(b"T2") + grpc(b"T3")
     conn.data_received(wire)
-    conn.data_received(header(len(payload), DATA, 0, 1) + payload)
+    conn.data_received(header(len(payload), FrameType.DATA, 0, 1) + payload)
     assert [entry[1] for entry in log if entry[0] == "sink"] == [b"T1", b"T2", b"T3"]
-    frames = [header(7, DATA, 0, 3) + grpc(m) for m in (b"T1", b"T2", b"T3")]
+    frames = [header(7, FrameType.DATA, 0, 3) + grpc(m) for m in (b"T1", b"T2", b"T3")]
     assert conn.transport.out == ([b"".join(frames)] if coalesce else frames)
     conn.write(b"after")  # outside a read callback: at once
     assert conn.transport.out[-1] == b"after"
@@ -292,14 +295,16 @@ def test_try_send_writes_only_to_a_sendable_stream_that_has_not_failed(h2: Modul
     assert conn.transport.out == []
     stream.error = None
     assert stream.try_send(b"c") is True
-    assert conn.transport.out == [header(6, DATA, 0, 3) + grpc(b"c")]
+    assert conn.transport.out == [header(6, FrameType.DATA, 0, 3) + grpc(b"c")]
     assert stream.send_window == 1000 - 6  # what try_write takes from the windows
 
 
 @pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_an_oversized_frame_aborts_with_frame_size_error(h2: ModuleType) -> None:
     conn, log = build(h2)
-    conn.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + header(RECV_FRAME + 1, DATA, 0, 1))
+    conn.data_received(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + header(RECV_FRAME + 1, FrameType.DATA, 0, 1)
+    )
     assert log == [("abort", 6, f"frame of {RECV_FRAME + 1} bytes")]
     conn, log = build(h2)
     conn.data_received(b"PRI * HTTP/2.0\r\n\r\nXX")

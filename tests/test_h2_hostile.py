@@ -26,6 +26,7 @@ from support import free_port
 from xdsfast import _ext
 from xdsfast.engines import SERVICE, Downstream, Mode, Status, StreamError, fast
 from xdsfast.engines.fast import protocol
+from xdsfast.engines.fast.h2numbers import ErrorCode, Flag, FrameType
 from xdsfast.peers import mesh
 from xdsfast.peers.adsclient import AdsClient, StreamClosed
 from xdsfast.peers.backend import http_get
@@ -36,10 +37,6 @@ core: Any = _ext.load("_h2")  # the engine's core, compiled or twin, as it chose
 MIB = 1 << 20
 FLOOD_LIMIT = 100 * MIB  # a flood stops here, or when the agent closes the connection
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
-END_STREAM = ACK = 0x1
-END_HEADERS = 0x4
-ENHANCE_YOUR_CALM = 11
 HOSTILE_LINE = b"hostile HTTP/2 peer"
 
 Frame = tuple[int, int, int, bytes]
@@ -78,7 +75,7 @@ def parse(data: bytes) -> list[Frame]:
 
 
 def goaway_codes(frames: list[Frame]) -> list[int]:
-    return [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == GOAWAY]
+    return [int.from_bytes(f[3][4:8], "big") for f in frames if f[0] == FrameType.GOAWAY]
 
 
 def rss(pid: int, key: str = "VmRSS") -> int:
@@ -134,7 +131,7 @@ async def read_to_end(sock: socket.socket, until: bytes | None = None) -> bytes:
     with contextlib.suppress(ConnectionError):
         while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 30):
             out += chunk
-            if until is not None and (PING, ACK, 0, until) in parse(out):
+            if until is not None and (FrameType.PING, Flag.ACK, 0, until) in parse(out):
                 break
     return out
 
@@ -167,7 +164,7 @@ class Peer:
     async def open(cls, path: str) -> Peer:
         reader, writer = await asyncio.open_unix_connection(path)
         peer = cls(reader, writer)
-        writer.write(PREFACE + frame(SETTINGS, 0, 0))
+        writer.write(PREFACE + frame(FrameType.SETTINGS, 0, 0))
         return peer
 
     async def _read(self) -> None:
@@ -188,7 +185,7 @@ class Peer:
 
     def _on(self, f: Frame) -> None:
         ftype, flags, sid, payload = f
-        if ftype == SETTINGS and not flags & ACK:
+        if ftype == FrameType.SETTINGS and not flags & Flag.ACK:
             for pos in range(0, len(payload), 6):
                 key, value = struct.unpack(">HI", payload[pos : pos + 6])
                 if key == 4:
@@ -197,32 +194,32 @@ class Peer:
                     self.initial_window = value
                 elif key == 5:
                     self.max_frame = value
-            self.writer.write(frame(SETTINGS, ACK, 0))
-        elif ftype == WINDOW_UPDATE:
+            self.writer.write(frame(FrameType.SETTINGS, Flag.ACK, 0))
+        elif ftype == FrameType.WINDOW_UPDATE:
             increment = int.from_bytes(payload, "big")
             if sid == 0:
                 self.conn_window += increment
             elif sid in self.windows:
                 self.windows[sid] += increment
-        elif ftype == PING and flags & ACK:
+        elif ftype == FrameType.PING and flags & Flag.ACK:
             waiter = self._acks.pop(payload, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        elif ftype == RST_STREAM:  # (the first: then DATA in flight meets STREAM_CLOSED)
+        elif ftype == FrameType.RST_STREAM:  # (the first: then DATA in flight meets STREAM_CLOSED)
             self.resets.setdefault(sid, int.from_bytes(payload, "big"))
             self.ended.add(sid)
-        elif ftype == HEADERS and flags & END_STREAM:
+        elif ftype == FrameType.HEADERS and flags & Flag.END_STREAM:
             self.ended.add(sid)
-        elif ftype == DATA:
+        elif ftype == FrameType.DATA:
             self.data[sid] = self.data.get(sid, 0) + len(payload)
             self.data_seen.set()
-        elif ftype == GOAWAY:
+        elif ftype == FrameType.GOAWAY:
             self.goaways.append(int.from_bytes(payload[4:8], "big"))
 
     def open_stream(self, sid: int, body: bytes | memoryview = b"") -> None:
         self.windows[sid] = self.initial_window
         self.pending[sid] = memoryview(body)
-        self.writer.write(frame(HEADERS, END_HEADERS, sid, headers_block()))
+        self.writer.write(frame(FrameType.HEADERS, Flag.END_HEADERS, sid, headers_block()))
 
     def pump(self, frame_size: int = 1 << 20, end: bool = True) -> int:
         """Send what the windows allow; the bytes sent.  A stream whose data is all sent
@@ -234,7 +231,7 @@ class Peer:
                 continue
             while len(left) and self.conn_window > 0 and self.windows[sid] > 0:
                 n = min(len(left), self.conn_window, self.windows[sid], self.max_frame, frame_size)
-                self.writer.write(frame(DATA, 0, sid, bytes(left[:n])))
+                self.writer.write(frame(FrameType.DATA, 0, sid, bytes(left[:n])))
                 left = left[n:]
                 self.conn_window -= n
                 self.windows[sid] -= n
@@ -243,14 +240,14 @@ class Peer:
             if not len(left):
                 del self.pending[sid]
                 if end:
-                    self.writer.write(frame(DATA, END_STREAM, sid))
+                    self.writer.write(frame(FrameType.DATA, Flag.END_STREAM, sid))
         return self.sent - before
 
     async def sync(self) -> None:
         self.pings += 1
         payload = self.pings.to_bytes(8, "big")
         waiter = self._acks[payload] = asyncio.get_running_loop().create_future()
-        self.writer.write(frame(PING, 0, 0, payload))
+        self.writer.write(frame(FrameType.PING, 0, 0, payload))
         await asyncio.wait_for(waiter, 30)
 
     async def send_all(self, limit: int, frame_size: int = 1 << 20) -> None:
@@ -300,8 +297,8 @@ async def answers_status(relay: XdsfastProcess) -> None:
 
 
 FLOODS = {
-    "PING": frame(PING, 0, 0, b"flooding"),
-    "SETTINGS": frame(SETTINGS, 0, 0, struct.pack(">HI", 3, 100)),
+    "PING": frame(FrameType.PING, 0, 0, b"flooding"),
+    "SETTINGS": frame(FrameType.SETTINGS, 0, 0, struct.pack(">HI", 3, 100)),
     "unknown": frame(0x42, 0, 0, b"?"),
 }
 WHAT = {"PING": "PING frames", "SETTINGS": "SETTINGS frames", "unknown": "frames of unknown type"}
@@ -325,7 +322,7 @@ async def test_a_control_frame_flood_from_a_client_that_never_reads(
     pid = relay.proc.pid
     sock = await connect(("127.0.0.1", port) if tcp else str(relay.socket_path))
     reset_peak(pid)
-    hello = PREFACE + frame(SETTINGS, 0, 0)
+    hello = PREFACE + frame(FrameType.SETTINGS, 0, 0)
     sent = await flood(sock, hello + FLOODS[kind] * (65536 // len(FLOODS[kind])), len(hello))
     sent += await flood(sock, FLOODS[kind] * (65536 // len(FLOODS[kind])))
     peak = rss(pid, "VmHWM")
@@ -335,7 +332,9 @@ async def test_a_control_frame_flood_from_a_client_that_never_reads(
     sock.close()
     # Its GOAWAY waits behind the replies this client does not read: the connection is
     # dropped (CLOSE_GRACE) with it; a client that reads gets it (the in-process tests).
-    assert all(f[0] in (SETTINGS, PING, GOAWAY, WINDOW_UPDATE) for f in got)
+    assert {f[0] for f in got} <= {
+        FrameType.SETTINGS, FrameType.PING, FrameType.GOAWAY, FrameType.WINDOW_UPDATE
+    }  # fmt: skip
     await serves_a_fresh_client(relay)
     assert relay.status_port is not None
     _, _, metrics = await http_get("127.0.0.1", relay.status_port, "/stats/prometheus")
@@ -363,7 +362,7 @@ async def test_a_ping_flood_from_istiod(xdsfast_run: XdsfastFactory) -> None:
         sock.setblocking(False)
         try:
             await loop.sock_recv(sock, len(PREFACE))  # (the rest is never read)
-            sent = await flood(sock, frame(SETTINGS, 0, 0), 1)
+            sent = await flood(sock, frame(FrameType.SETTINGS, 0, 0), 1)
             sent += await flood(sock, FLOODS["PING"] * 4096)
             flooded.set_result(sent)
             return parse(await read_to_end(sock))
@@ -384,7 +383,10 @@ async def test_a_ping_flood_from_istiod(xdsfast_run: XdsfastFactory) -> None:
         assert peak < 100 * MIB, (peak, sent)
         assert sent < FLOOD_LIMIT, "the agent read the whole flood"
         got = await asyncio.wait_for(done, 60)
-        assert all(f[0] in (SETTINGS, PING, GOAWAY, WINDOW_UPDATE, HEADERS, DATA) for f in got)
+        assert {f[0] for f in got} <= {
+            FrameType.SETTINGS, FrameType.PING, FrameType.GOAWAY, FrameType.WINDOW_UPDATE,
+            FrameType.HEADERS, FrameType.DATA,
+        }  # fmt: skip
         with pytest.raises(StreamClosed):  # the relay ended Envoy's stream with the upstream
             await client.recv(timeout=30)
         await client.close()
@@ -534,7 +536,7 @@ async def test_tiny_messages_for_a_stream_not_read_yet_are_bounded(
         peer.open_stream(1, grpc_message(b"x") * (5 * MIB // 6))
         await peer.send_all(limit=5 * MIB, frame_size=60_000)
         # (4 MiB of window: 700k messages, 45 MB held; the budget, 32 MiB, is reached first)
-        assert peer.resets.get(1) == ENHANCE_YOUR_CALM, (peer.resets, peer.sent)
+        assert peer.resets.get(1) == ErrorCode.ENHANCE_YOUR_CALM, (peer.resets, peer.sent)
         assert fast.HOSTILE.counts["unread_requests"] == before + 1
         await peer.sync()  # the connection is fine
         assert not peer.goaways
@@ -560,7 +562,7 @@ async def test_the_process_budget_for_streams_not_read_yet(
             peer.open_stream(1, body)
             await peer.send_all(limit=4 * MIB)
         assert not first.resets
-        assert second.resets.get(1) == ENHANCE_YOUR_CALM, second.resets
+        assert second.resets.get(1) == ErrorCode.ENHANCE_YOUR_CALM, second.resets
     finally:
         first.close()
         second.close()
@@ -577,7 +579,7 @@ async def test_replies_to_a_peer_that_never_reads_are_capped(
     monkeypatch.setattr(protocol, "CLOSE_GRACE", 0.2)
     srv = await make_server(Hold())
     sock = await connect(path_of(srv))
-    await flood(sock, PREFACE + frame(SETTINGS, 0, 0), 1)
+    await flood(sock, PREFACE + frame(FrameType.SETTINGS, 0, 0), 1)
     await eventually(lambda: len(srv.connections) == 1, "connected")
     (conn,) = srv.connections
     conn.control_burst = conn.control_rate = conn.budget = 1e12  # no rate limit
@@ -591,7 +593,7 @@ async def test_replies_to_a_peer_that_never_reads_are_capped(
 
 @pytest.mark.parametrize(
     "flooding",
-    [FLOODS["PING"], FLOODS["SETTINGS"], FLOODS["unknown"], frame(DATA, 0, 1),
+    [FLOODS["PING"], FLOODS["SETTINGS"], FLOODS["unknown"], frame(FrameType.DATA, 0, 1),
      frame(0x9, 0, 1), frame(0x2, 0, 1, b"\0\0\0\0\x10")],
     ids=["PING", "SETTINGS", "unknown", "empty DATA", "empty CONTINUATION", "PRIORITY"],
 )  # fmt: skip
@@ -601,16 +603,16 @@ async def test_a_flood_from_a_client_that_reads_ends_in_enhance_your_calm(
     """The rate budget: 5000 at once, the replies read, get GOAWAY ENHANCE_YOUR_CALM."""
     srv = await make_server(Hold())
     sock = await connect(path_of(srv))
-    opening = PREFACE + frame(SETTINGS, 0, 0)
+    opening = PREFACE + frame(FrameType.SETTINGS, 0, 0)
     if flooding[3] == 0x9:  # CONTINUATION: after a HEADERS without END_HEADERS
-        opening += frame(HEADERS, 0, 1, headers_block())
+        opening += frame(FrameType.HEADERS, 0, 1, headers_block())
     elif flooding[3] in (0, 2):
-        opening += frame(HEADERS, END_HEADERS, 1, headers_block())
+        opening += frame(FrameType.HEADERS, Flag.END_HEADERS, 1, headers_block())
     reading = asyncio.ensure_future(read_to_end(sock, until=b"the end!"))
-    await flood(sock, opening + flooding * 5000 + frame(PING, 0, 0, b"the end!"), 1)
+    await flood(sock, opening + flooding * 5000 + frame(FrameType.PING, 0, 0, b"the end!"), 1)
     got = parse(await reading)  # (the GOAWAY comes before that PING's ACK, if any)
     sock.close()
-    assert goaway_codes(got) == [ENHANCE_YOUR_CALM]
+    assert goaway_codes(got) == [ErrorCode.ENHANCE_YOUR_CALM]
 
 
 async def test_a_ping_after_each_response_is_never_cut(make_server: ServerFactory) -> None:
@@ -629,7 +631,7 @@ async def test_a_ping_after_each_response_is_never_cut(make_server: ServerFactor
         peer.open_stream(1)
         for i in range(1500):
             peer.data_seen.clear()
-            peer.writer.write(frame(DATA, 0, 1, grpc_message(b"%d" % i)))
+            peer.writer.write(frame(FrameType.DATA, 0, 1, grpc_message(b"%d" % i)))
             await asyncio.wait_for(peer.data_seen.wait(), 30)  # the echo, then the PING
             await peer.sync()
         assert not peer.goaways and not peer.eof.is_set()

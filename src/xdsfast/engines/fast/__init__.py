@@ -20,7 +20,8 @@ does not read yet, control frames per second, replies queued for a peer that doe
 read; past one, ENHANCE_YOUR_CALM, counted and logged (``HOSTILE``).
 
 Modules: ``protocol`` (streams and the connection, either side), ``server`` (Envoy's
-side), ``dialer`` (istiod's side, TLS included), ``_h2``/``_h2_py`` (the core and its twin).
+side), ``dialer`` (istiod's side, TLS included), ``h2numbers`` (HTTP/2's numbers),
+``_h2``/``_h2_py`` (the core and its twin).
 """
 
 from __future__ import annotations
@@ -32,63 +33,32 @@ from xdsfast.engines import DialSettings, ServerSettings
 
 if TYPE_CHECKING:
     from xdsfast.engines.fast.dialer import FastDialer
+    from xdsfast.engines.fast.h2numbers import ErrorCode, Flag, FrameType, SettingCode
     from xdsfast.engines.fast.protocol import (
-        ACK,
-        CANCEL,
         CONN_WINDOW,
-        CONTINUATION,
-        DATA,
-        END_HEADERS,
-        END_STREAM,
-        FRAME_SIZE_ERROR,
-        GOAWAY,
-        HEADERS,
         HOSTILE,
         IMPLEMENTATION,
-        PADDED,
-        PING,
         PREFACE,
-        PRIORITY,
-        PRIORITY_FLAG,
-        PROTOCOL_ERROR,
-        PUSH_PROMISE,
         RECV_FRAME,
-        RST_STREAM,
-        SETTINGS,
         STREAM_WINDOW,
-        WINDOW_UPDATE,
     )
     from xdsfast.engines.fast.server import FastServer
 
 __all__ = [
-    "ACK",
-    "CANCEL",
     "CONN_WINDOW",
-    "CONTINUATION",
-    "DATA",
-    "END_HEADERS",
-    "END_STREAM",
-    "FRAME_SIZE_ERROR",
-    "GOAWAY",
-    "HEADERS",
     "HOSTILE",
     "IMPLEMENTATION",
-    "PADDED",
-    "PING",
     "PREFACE",
-    "PRIORITY",
-    "PRIORITY_FLAG",
-    "PROTOCOL_ERROR",
-    "PUSH_PROMISE",
     "RECV_FRAME",
-    "RST_STREAM",
-    "SETTINGS",
     "STREAM_WINDOW",
-    "WINDOW_UPDATE",
     "DialSettings",
+    "ErrorCode",
     "FastDialer",
     "FastServer",
+    "Flag",
+    "FrameType",
     "ServerSettings",
+    "SettingCode",
 ]
 
 # Where each name lives, imported at first use: loading the core (``_h2``, a module of
@@ -97,30 +67,16 @@ __all__ = [
 _WHERE = {
     "FastDialer": "dialer",
     "FastServer": "server",
-    "ACK": "protocol",
-    "CANCEL": "protocol",
+    "ErrorCode": "h2numbers",
+    "Flag": "h2numbers",
+    "FrameType": "h2numbers",
+    "SettingCode": "h2numbers",
     "CONN_WINDOW": "protocol",
-    "CONTINUATION": "protocol",
-    "DATA": "protocol",
-    "END_HEADERS": "protocol",
-    "END_STREAM": "protocol",
-    "FRAME_SIZE_ERROR": "protocol",
-    "GOAWAY": "protocol",
-    "HEADERS": "protocol",
     "HOSTILE": "protocol",
     "IMPLEMENTATION": "protocol",
-    "PADDED": "protocol",
-    "PING": "protocol",
     "PREFACE": "protocol",
-    "PRIORITY": "protocol",
-    "PRIORITY_FLAG": "protocol",
-    "PROTOCOL_ERROR": "protocol",
-    "PUSH_PROMISE": "protocol",
     "RECV_FRAME": "protocol",
-    "RST_STREAM": "protocol",
-    "SETTINGS": "protocol",
     "STREAM_WINDOW": "protocol",
-    "WINDOW_UPDATE": "protocol",
 }
 
 

@@ -18,6 +18,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from xdsfast.engines.fast.h2numbers cimport MAX_WINDOW, ErrorCode, Flag, FrameType
+
 from xdsfast._errors import H2ConnectionError
 
 cdef extern from "Python.h":
@@ -110,7 +112,7 @@ def data_frames(bytes data, Py_ssize_t offset, Py_ssize_t count, uint32_t stream
         if stop - start <= DEF_SMALL:
             chunk = PyBytes_FromStringAndSize(NULL, 9 + n)
             out = <uint8_t*>PyBytes_AS_STRING(chunk)
-            _put_header(out, n, 0, 0, stream_id)
+            _put_header(out, n, FrameType.DATA, 0, stream_id)
             _prefix(out + 9, offset, head, size)
             if stop > start:
                 memcpy(out + 9 + head, src + start, stop - start)
@@ -118,7 +120,7 @@ def data_frames(bytes data, Py_ssize_t offset, Py_ssize_t count, uint32_t stream
         else:
             chunk = PyBytes_FromStringAndSize(NULL, 9 + head)
             out = <uint8_t*>PyBytes_AS_STRING(chunk)
-            _put_header(out, n, 0, 0, stream_id)
+            _put_header(out, n, FrameType.DATA, 0, stream_id)
             _prefix(out + 9, offset, head, size)
             chunks.append(chunk)
             if start == 0 and stop == size:
@@ -319,19 +321,6 @@ cdef class Assembler:
 # read (the transport paused writing), up to ``REPLY_BACKLOG``.  Past either: a connection
 # error, ENHANCE_YOUR_CALM.
 
-cdef enum:
-    _DATA = 0
-    _RST_STREAM = 3
-    _WINDOW_UPDATE = 8
-    _END_STREAM = 0x1
-    _PADDED = 0x8
-    _PROTOCOL_ERROR = 1
-    _FLOW_CONTROL_ERROR = 3
-    _STREAM_CLOSED = 5
-    _FRAME_SIZE_ERROR = 6
-    _ENHANCE_YOUR_CALM = 11
-
-cdef Py_ssize_t _MAX_WINDOW = 2147483647
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 READ_SIZE = 256 << 10  # the connection's read buffer (uvloop's own read size)
 MESSAGE_COST = 64  # what a queued message costs besides its bytes (object header, queue slot)
@@ -566,7 +555,7 @@ cdef class StreamCore:
             if size <= DEF_SMALL:
                 chunk = PyBytes_FromStringAndSize(NULL, 9 + total)
                 out = <uint8_t*>PyBytes_AS_STRING(chunk)
-                _put_header(out, total, _DATA, 0, self.id)
+                _put_header(out, total, FrameType.DATA, 0, self.id)
                 _prefix(out + 9, 0, 5, size)
                 memcpy(out + 14, PyBytes_AS_STRING(data), size)
                 conn._put(chunk)
@@ -676,10 +665,10 @@ cdef class ConnCore:
         buf += data
         if len(buf) < n:
             if not PREFACE.startswith(buf):
-                raise H2ConnectionError(_PROTOCOL_ERROR, "bad connection preface")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad connection preface")
             return 0
         if buf[:n] != PREFACE:
-            raise H2ConnectionError(_PROTOCOL_ERROR, "bad connection preface")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad connection preface")
         self.preface_seen = True
         rest = bytes(buf[n:])
         self.buf = bytearray()
@@ -722,7 +711,7 @@ cdef class ConnCore:
             while size - pos >= 9:
                 length = _u24(p + pos)
                 if length > self.recv_frame:
-                    raise H2ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                    raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if size - pos - 9 < length:
                     break
                 self._frame(data, p, p[pos + 3], p[pos + 4], _u31(p + pos + 5), pos + 9,
@@ -731,7 +720,8 @@ cdef class ConnCore:
                 if self.closed:
                     return 0
             if pos < size:  # a frame cut by the end of this read
-                if size - pos >= 9 and p[pos + 3] == _DATA and not p[pos + 4] & _PADDED:
+                if size - pos >= 9 and p[pos + 3] == FrameType.DATA \
+                        and not p[pos + 4] & Flag.PADDED:
                     self._start_data(p[pos + 4], _u31(p + pos + 5), _u24(p + pos))
                     pos += 9
                 else:
@@ -756,8 +746,8 @@ cdef class ConnCore:
         b = <const uint8_t*>PyByteArray_AS_STRING(buf)
         length = _u24(b)
         if length > self.recv_frame:
-            raise H2ConnectionError(_FRAME_SIZE_ERROR, f"frame of {length} bytes")
-        if len(buf) == 9 and b[3] == _DATA and not b[4] & _PADDED:
+            raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        if len(buf) == 9 and b[3] == FrameType.DATA and not b[4] & Flag.PADDED:
             flags = b[4]
             sid = _u31(b + 5)
             PyByteArray_Resize(buf, 0)
@@ -780,7 +770,7 @@ cdef class ConnCore:
         the rest (and their rare cases) in ``on_frame``."""
         cdef Py_ssize_t length = end - start, increment
         cdef StreamCore stream
-        if ftype == _DATA and not flags & _PADDED:
+        if ftype == FrameType.DATA and not flags & Flag.PADDED:
             stream = _stream_of(self.streams, sid)
             if (
                 stream is not None
@@ -796,9 +786,9 @@ cdef class ConnCore:
                 stream.held += length  # credited (stream and connection) once taken
                 if length:
                     stream._payload(p, start, end)
-                elif not flags & _END_STREAM:
+                elif not flags & Flag.END_STREAM:
                     self._charge("empty DATA frames")
-                if flags & _END_STREAM:
+                if flags & Flag.END_STREAM:
                     self.on_end_stream(stream)
                 return 0
             self._start_data(flags, sid, length)
@@ -808,19 +798,19 @@ cdef class ConnCore:
                 stream._payload(p, start, end)
             self._end_data()
             return 0
-        if ftype == _WINDOW_UPDATE and length == 4 and self.header_block is None \
+        if ftype == FrameType.WINDOW_UPDATE and length == 4 and self.header_block is None \
                 and self.settings_seen:
             increment = _u31(p + start)
             if increment:
                 if sid == 0:
-                    if self.send_window + increment <= _MAX_WINDOW:
+                    if self.send_window + increment <= MAX_WINDOW:
                         self.send_window += increment
                         if self._window_waiters:
                             self._wake_window()
                         return 0
                 else:
                     stream = _stream_of(self.streams, sid)
-                    if stream is not None and stream.send_window + increment <= _MAX_WINDOW:
+                    if stream is not None and stream.send_window + increment <= MAX_WINDOW:
                         stream.send_window += increment
                         if self._window_waiters:
                             self._wake_window()
@@ -839,35 +829,35 @@ cdef class ConnCore:
         """A DATA frame's header: flow control for all of it; its payload follows."""
         cdef StreamCore stream
         if self.header_block is not None:
-            raise H2ConnectionError(_PROTOCOL_ERROR, "expected CONTINUATION")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
         if not self.settings_seen:
-            raise H2ConnectionError(_PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
         if sid == 0:
-            raise H2ConnectionError(_PROTOCOL_ERROR, "DATA on stream 0")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
         self.recv_window -= length
         if self.recv_window < 0:
-            raise H2ConnectionError(_FLOW_CONTROL_ERROR, "connection window exceeded")
-        if not length and not flags & _END_STREAM:
+            raise H2ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
+        if not length and not flags & Flag.END_STREAM:
             self._charge("empty DATA frames")
         self.data_left = length
-        self.data_end_stream = flags & _END_STREAM
+        self.data_end_stream = flags & Flag.END_STREAM
         self.data_feed = False
         stream = self.data_stream = _stream_of(self.streams, sid)
         if stream is None:
             self.conn_credit += length  # dropped: the connection's share comes back at once
             self.check_not_idle(sid, "DATA")
-            self._reply(_frame_u32(_RST_STREAM, sid, _STREAM_CLOSED))
+            self._reply(_frame_u32(FrameType.RST_STREAM, sid, ErrorCode.STREAM_CLOSED))
             return 0
         if stream.ended:
             self.conn_credit += length
             self.data_stream = None
-            self.stream_failed(stream, _STREAM_CLOSED, "DATA after END_STREAM")
+            self.stream_failed(stream, ErrorCode.STREAM_CLOSED, "DATA after END_STREAM")
             return 0
         stream.recv_window -= length
         if stream.recv_window < 0:
             self.conn_credit += length
             self.data_stream = None
-            self.stream_failed(stream, _FLOW_CONTROL_ERROR, "flow control error")
+            self.stream_failed(stream, ErrorCode.FLOW_CONTROL_ERROR, "flow control error")
             return 0
         if stream.error is not None or stream.closed:  # not wanted any more: credit at once
             self._credit(stream, length)
@@ -893,7 +883,7 @@ cdef class ConnCore:
         the stream and on the connection."""
         stream.credit += amount
         if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
-            self._put(_frame_u32(_WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
+            self._put(_frame_u32(FrameType.WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
             stream.recv_window += stream.credit
             stream.credit = 0
         self.conn_credit += amount
@@ -927,7 +917,7 @@ cdef class ConnCore:
         cdef Py_ssize_t credit = self.conn_credit
         self.conn_credit = 0
         self.recv_window += credit
-        self._put(_frame_u32(_WINDOW_UPDATE, 0, <uint32_t>credit))
+        self._put(_frame_u32(FrameType.WINDOW_UPDATE, 0, <uint32_t>credit))
 
     def charge(self, str what):
         """The peer sent one of ``what`` (PING, SETTINGS, an empty or unknown frame)."""
@@ -942,7 +932,7 @@ cdef class ConnCore:
         self.budget = budget - 1
         if self.budget < 0:
             raise H2ConnectionError(
-                _ENHANCE_YOUR_CALM,
+                ErrorCode.ENHANCE_YOUR_CALM,
                 f"flood of {what}: over {self.control_burst:.0f} control frames at once "
                 f"or {self.control_rate:.0f} a second",
             )
@@ -959,7 +949,7 @@ cdef class ConnCore:
             self.replies_paused += 1
             if self.replies_paused > REPLY_BACKLOG:
                 raise H2ConnectionError(
-                    _ENHANCE_YOUR_CALM,
+                    ErrorCode.ENHANCE_YOUR_CALM,
                     f"the peer does not read: over {REPLY_BACKLOG} replies to its frames queued",
                 )
         return 0

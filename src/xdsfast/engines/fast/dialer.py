@@ -23,19 +23,8 @@ from xdsfast.engines import (
     StreamError,
     Upstream,
 )
-from xdsfast.engines.fast.protocol import (
-    CANCEL,
-    CONTENT_TYPE,
-    DATA,
-    END_STREAM,
-    ENHANCE_YOUR_CALM,
-    NO_ERROR,
-    PROTOCOL_ERROR,
-    REFUSED_STREAM,
-    Connection,
-    Stream,
-    frame_header,
-)
+from xdsfast.engines.fast.h2numbers import ErrorCode, Flag, FrameType
+from xdsfast.engines.fast.protocol import CONTENT_TYPE, Connection, Stream, frame_header
 from xdsfast.upstream import bearer_token, load_tls
 
 UNLIMITED = 2**62
@@ -46,8 +35,12 @@ _HTTP_TO_GRPC = {400: Code.INTERNAL, 401: Code.UNAUTHENTICATED, 403: Code.PERMIS
                  404: Code.UNIMPLEMENTED, 429: Code.UNAVAILABLE, 502: Code.UNAVAILABLE,
                  503: Code.UNAVAILABLE, 504: Code.UNAVAILABLE}  # fmt: skip
 # RST_STREAM codes as gRPC statuses (gRPC's HTTP/2 transport spec).
-_RST_TO_GRPC = {NO_ERROR: Code.INTERNAL, REFUSED_STREAM: Code.UNAVAILABLE, CANCEL: Code.CANCELLED,
-                ENHANCE_YOUR_CALM: Code.RESOURCE_EXHAUSTED}  # fmt: skip
+_RST_TO_GRPC: dict[int, Code] = {
+    ErrorCode.NO_ERROR: Code.INTERNAL,
+    ErrorCode.REFUSED_STREAM: Code.UNAVAILABLE,
+    ErrorCode.CANCEL: Code.CANCELLED,
+    ErrorCode.ENHANCE_YOUR_CALM: Code.RESOURCE_EXHAUSTED,
+}
 
 
 class _ClientConnection(Connection):
@@ -63,7 +56,7 @@ class _ClientConnection(Connection):
     def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         stream = self.streams.get(sid)
         if sid % 2 == 0:
-            raise H2ConnectionError(PROTOCOL_ERROR, "server opened a stream")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "server opened a stream")
         if stream is None:
             self.check_not_idle(sid, "HEADERS")
             return
@@ -93,7 +86,7 @@ class _ClientConnection(Connection):
         self._end(stream, Status(Code.INTERNAL, "server closed the stream without trailers"))
 
     def on_bad_message(self, stream: Stream, status: Status) -> None:
-        self.reset(stream, CANCEL)
+        self.reset(stream, ErrorCode.CANCEL)
 
     def on_reset(self, stream: Stream, code: int) -> None:
         self.forget(stream)
@@ -108,7 +101,7 @@ class _ClientConnection(Connection):
             if stream.id > last:
                 self.forget(stream)
                 self.stream_lost(stream, StreamError(Status(Code.UNAVAILABLE, why)))
-        if code != NO_ERROR:
+        if code != ErrorCode.NO_ERROR:
             self.close(why)
 
 
@@ -140,7 +133,7 @@ class _Upstream:
         if not self._half_closed and not conn.closed and not stream.closed:
             self._half_closed = True
             stream.sendable = False
-            conn.write(frame_header(0, DATA, END_STREAM, stream.id))
+            conn.write(frame_header(0, FrameType.DATA, Flag.END_STREAM, stream.id))
 
     async def recv(self) -> bytes | None:
         stream = self._stream
@@ -172,7 +165,7 @@ class _Upstream:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stream.finished(), CLOSE_WAIT)
         if not conn.closed and not stream.closed:
-            conn.reset(stream, CANCEL)
+            conn.reset(stream, ErrorCode.CANCEL)
         conn.close("closed by the relay")
         conn.stream = None  # (it and the stream refer to each other)
         if conn.transport is not None:

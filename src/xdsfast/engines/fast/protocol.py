@@ -20,6 +20,16 @@ import hpack
 from xdsfast import _ext, log
 from xdsfast._errors import H2ConnectionError
 from xdsfast.engines import Code, Status, StreamError
+from xdsfast.engines.fast.h2numbers import (
+    DEFAULT_FRAME,
+    DEFAULT_WINDOW,
+    MAX_FRAME,
+    MAX_WINDOW,
+    ErrorCode,
+    Flag,
+    FrameType,
+    SettingCode,
+)
 
 if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast.engines.fast import _h2_py as _h2
@@ -34,25 +44,6 @@ PREFACE = _h2.PREFACE  # the client's connection preface (the core checks it)
 frame_header = _h2.frame_header  # the 9-byte frame header
 frame_u32 = _h2.frame_u32  # a frame whose payload is one 32-bit number
 
-# Frame types
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-# Flags
-END_STREAM = ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-# Settings
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
-# Error codes
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 4, 5, 6, 7
-CANCEL, COMPRESSION_ERROR, CONNECT_ERROR, ENHANCE_YOUR_CALM = 8, 9, 10, 11
-
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65_535
-DEFAULT_FRAME = 16_384
 # What we advertise for receiving.
 RECV_FRAME = 1 << 20  # largest frame we accept
 STREAM_WINDOW = 4 << 20  # per stream; credited back as the relay consumes
@@ -69,7 +60,7 @@ CONTENT_TYPE = b"application/grpc"
 
 def _settings(values: dict[int, int]) -> bytes:
     payload = b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in values.items())
-    return frame_header(len(payload), SETTINGS, 0, 0) + payload
+    return frame_header(len(payload), FrameType.SETTINGS, 0, 0) + payload
 
 
 class _Hostile:
@@ -286,14 +277,14 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         hello = [
             _settings(
                 {
-                    S_ENABLE_PUSH: 0,
-                    S_INITIAL_WINDOW_SIZE: self.local_window,
-                    S_MAX_FRAME_SIZE: RECV_FRAME,
-                    S_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                    SettingCode.ENABLE_PUSH: 0,
+                    SettingCode.INITIAL_WINDOW_SIZE: self.local_window,
+                    SettingCode.MAX_FRAME_SIZE: RECV_FRAME,
+                    SettingCode.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
                     **self.extra_settings(),
                 }
             ),
-            frame_u32(WINDOW_UPDATE, 0, CONN_WINDOW - DEFAULT_WINDOW),
+            frame_u32(FrameType.WINDOW_UPDATE, 0, CONN_WINDOW - DEFAULT_WINDOW),
         ]
         self.recv_window = CONN_WINDOW
         if self.client:
@@ -308,7 +299,7 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
     def engine_error(self, exc: Exception) -> None:
         """A bug in the receive path: never let it escape into the event loop."""
         _log.error("HTTP/2 engine error", exc_info=exc)
-        self.abort(INTERNAL_ERROR, f"internal error: {exc!r}")
+        self.abort(ErrorCode.INTERNAL_ERROR, f"internal error: {exc!r}")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -376,19 +367,21 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         frames = []
         limit = self.peer_max_frame
         first, rest = block[:limit], block[limit:]
-        flags = (END_STREAM if end else 0) | (0 if rest else END_HEADERS)
-        frames.append(frame_header(len(first), HEADERS, flags, stream_id) + first)
+        flags = (Flag.END_STREAM if end else 0) | (0 if rest else Flag.END_HEADERS)
+        frames.append(frame_header(len(first), FrameType.HEADERS, flags, stream_id) + first)
         while rest:
             piece, rest = rest[:limit], rest[limit:]
             frames.append(
-                frame_header(len(piece), CONTINUATION, 0 if rest else END_HEADERS, stream_id)
+                frame_header(
+                    len(piece), FrameType.CONTINUATION, 0 if rest else Flag.END_HEADERS, stream_id
+                )
                 + piece
             )
         self.sent_data = True
         self.writelines(frames)
 
     def reset(self, stream: Stream, code: int) -> None:
-        self.write(frame_u32(RST_STREAM, stream.id, code))
+        self.write(frame_u32(FrameType.RST_STREAM, stream.id, code))
         self.forget(stream)
 
     def stream_failed(self, stream: Stream, code: int, why: str) -> None:
@@ -405,7 +398,7 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         why = f"requests held for streams not read yet exceed {limit} bytes {where}"
         HOSTILE.note("unread_requests", self.who(), f"stream {stream.id} reset: {why}")
         self.count_reply()
-        self.reset(stream, ENHANCE_YOUR_CALM)
+        self.reset(stream, ErrorCode.ENHANCE_YOUR_CALM)
         self.stream_lost(stream, StreamError(Status(Code.RESOURCE_EXHAUSTED, why)))
 
     def forget(self, stream: Stream) -> None:
@@ -423,12 +416,12 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         self.goaway_sent = True
         debug = why.encode("utf-8", "replace")[:256]
         payload = self.last_peer_stream.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
-        self.write(frame_header(len(payload), GOAWAY, 0, 0) + payload)
+        self.write(frame_header(len(payload), FrameType.GOAWAY, 0, 0) + payload)
 
     def abort(self, code: int, why: str) -> None:
         """A connection error: GOAWAY with ``code`` and close."""
         _log.debug("HTTP/2 connection error %d: %s", code, why)
-        if code == ENHANCE_YOUR_CALM and not self.goaway_sent and not self.closed:
+        if code == ErrorCode.ENHANCE_YOUR_CALM and not self.goaway_sent and not self.closed:
             HOSTILE.note(_hostile_kind(why), self.who(), why)
         self.goaway(code, why)
         self.close(f"protocol error: {why}")
@@ -457,7 +450,7 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
             return
         idle = time.monotonic() - self.last_read
         if idle >= self.keepalive_interval and self._ping_deadline is None:
-            self.write(frame_header(8, PING, 0, 0) + b"xdsfast!")
+            self.write(frame_header(8, FrameType.PING, 0, 0) + b"xdsfast!")
             self._ping_deadline = self.loop.call_later(self.keepalive_timeout, self._ping_timeout)
             wait = self.keepalive_interval
         else:
@@ -466,7 +459,7 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
 
     def _ping_timeout(self) -> None:
         self._ping_deadline = None
-        self.goaway(NO_ERROR, "keepalive ping not answered")
+        self.goaway(ErrorCode.NO_ERROR, "keepalive ping not answered")
         self.close("keepalive ping not answered (connection dead)")
 
     # reading
@@ -475,54 +468,56 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         self, view: memoryview, ftype: int, flags: int, sid: int, start: int, end: int
     ) -> None:
         length = end - start
-        if self.header_block is not None and (ftype != CONTINUATION or sid != self.header_stream):
-            raise H2ConnectionError(PROTOCOL_ERROR, "expected CONTINUATION")
-        if not self.settings_seen and ftype != SETTINGS:
-            raise H2ConnectionError(PROTOCOL_ERROR, "the first frame must be SETTINGS")
-        if ftype == DATA:
+        if self.header_block is not None and (
+            ftype != FrameType.CONTINUATION or sid != self.header_stream
+        ):
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self.settings_seen and ftype != FrameType.SETTINGS:
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        if ftype == FrameType.DATA:
             self.on_data(view, flags, sid, start, end)
-        elif ftype == HEADERS:
+        elif ftype == FrameType.HEADERS:
             if sid == 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "HEADERS on stream 0")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
             pos, stop = start, end
-            if flags & PADDED:
+            if flags & Flag.PADDED:
                 if length < 1:
-                    raise H2ConnectionError(FRAME_SIZE_ERROR, "HEADERS too short")
+                    raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
                 pad = view[pos]
                 pos += 1
                 stop -= pad
-            if flags & PRIORITY_FLAG:
+            if flags & Flag.PRIORITY:
                 pos += 5
             if stop < pos:
-                raise H2ConnectionError(PROTOCOL_ERROR, "padding longer than HEADERS")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "padding longer than HEADERS")
             block = bytearray(view[pos:stop])
-            self.header_end_stream = bool(flags & END_STREAM)
+            self.header_end_stream = bool(flags & Flag.END_STREAM)
             self.header_stream = sid
-            if flags & END_HEADERS:
+            if flags & Flag.END_HEADERS:
                 self._headers_done(sid, block)
             else:
                 self.header_block = block
-        elif ftype == CONTINUATION:
+        elif ftype == FrameType.CONTINUATION:
             if self.header_block is None or sid != self.header_stream:
-                raise H2ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "unexpected CONTINUATION")
             self.header_block += view[start:end]
             if len(self.header_block) > MAX_HEADER_BLOCK:
-                raise H2ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
-            if start == end and not flags & END_HEADERS:
+                raise H2ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "header block too large")
+            if start == end and not flags & Flag.END_HEADERS:
                 self.charge("empty CONTINUATION frames")
-            if flags & END_HEADERS:
+            if flags & Flag.END_HEADERS:
                 block, self.header_block = self.header_block, None
                 self._headers_done(sid, block)
-        elif ftype == SETTINGS:
+        elif ftype == FrameType.SETTINGS:
             self.on_settings(view, flags, sid, start, end)
-        elif ftype == WINDOW_UPDATE:
+        elif ftype == FrameType.WINDOW_UPDATE:
             self.on_window_update(view, sid, start, end)
-        elif ftype == PING:
+        elif ftype == FrameType.PING:
             if sid != 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "PING on a stream")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
             if length != 8:
-                raise H2ConnectionError(FRAME_SIZE_ERROR, "PING is not 8 bytes")
-            if flags & ACK:
+                raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING is not 8 bytes")
+            if flags & Flag.ACK:
                 if self._ping_deadline is not None:
                     self._ping_deadline.cancel()
                     self._ping_deadline = None
@@ -533,33 +528,33 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
                     self.sent_data = False
                 else:
                     self.charge("PING frames")
-                self.reply(frame_header(8, PING, ACK, 0) + bytes(view[start:end]))
-        elif ftype == RST_STREAM:
+                self.reply(frame_header(8, FrameType.PING, Flag.ACK, 0) + bytes(view[start:end]))
+        elif ftype == FrameType.RST_STREAM:
             if sid == 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0")
             if length != 4:
-                raise H2ConnectionError(FRAME_SIZE_ERROR, "RST_STREAM is not 4 bytes")
+                raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM is not 4 bytes")
             self.check_not_idle(sid, "RST_STREAM")
             stream = self.streams.get(sid)
             if stream is not None:
                 self.on_reset(stream, int.from_bytes(view[start:end], "big"))
-        elif ftype == GOAWAY:
+        elif ftype == FrameType.GOAWAY:
             if sid != 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
             if length < 8:
-                raise H2ConnectionError(FRAME_SIZE_ERROR, "GOAWAY too short")
+                raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY too short")
             last = int.from_bytes(view[start : start + 4], "big") & 0x7FFFFFFF
             code = int.from_bytes(view[start + 4 : start + 8], "big")
             debug = bytes(view[start + 8 : end]).decode("utf-8", "replace")
             self.on_goaway(last, code, debug)
-        elif ftype == PRIORITY:
+        elif ftype == FrameType.PRIORITY:
             if sid == 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
             if length != 5:
-                raise H2ConnectionError(FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
+                raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY is not 5 bytes")
             self.charge("PRIORITY frames")
-        elif ftype == PUSH_PROMISE:
-            raise H2ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
+        elif ftype == FrameType.PUSH_PROMISE:
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE with push disabled")
         else:  # unknown frame types are ignored (RFC 9113 section 4.1), within the budget
             self.charge("frames of unknown type")
 
@@ -567,9 +562,9 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         own = (sid % 2 == 1) == self.client
         if own:
             if sid > self.last_own_stream():
-                raise H2ConnectionError(PROTOCOL_ERROR, f"{what} on an idle stream")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, f"{what} on an idle stream")
         elif sid > self.last_peer_stream:
-            raise H2ConnectionError(PROTOCOL_ERROR, f"{what} on an idle stream")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, f"{what} on an idle stream")
 
     def last_own_stream(self) -> int:
         return 0
@@ -578,17 +573,17 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         """A whole DATA frame (padded ones come this way)."""
         flow = end - start
         pad = 0
-        if flags & PADDED:
+        if flags & Flag.PADDED:
             if flow < 1 or view[start] >= flow:
-                raise H2ConnectionError(PROTOCOL_ERROR, "padding longer than DATA")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "padding longer than DATA")
             pad = view[start]
-            if flow == 1 + pad and not flags & END_STREAM:  # nothing but padding
+            if flow == 1 + pad and not flags & Flag.END_STREAM:  # nothing but padding
                 self.charge("empty DATA frames")
         self.data_start(flags, sid, flow)
         self.data_left = 0
         stream = self.data_stream
         if stream is not None and self.data_feed:
-            if flags & PADDED:
+            if flags & Flag.PADDED:
                 start, end = start + 1, end - pad
             if end > start:
                 stream.on_payload(view, start, end)
@@ -602,38 +597,44 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
 
     def on_settings(self, view: memoryview, flags: int, sid: int, start: int, end: int) -> None:
         if sid != 0:
-            raise H2ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+            raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
         self.charge("SETTINGS frames")
         length = end - start
-        if flags & ACK:
+        if flags & Flag.ACK:
             if length:
-                raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         if length % 6:
-            raise H2ConnectionError(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+            raise H2ConnectionError(
+                ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6"
+            )
         for pos in range(start, end, 6):
             key = int.from_bytes(view[pos : pos + 2], "big")
             value = int.from_bytes(view[pos + 2 : pos + 6], "big")
-            if key == S_INITIAL_WINDOW_SIZE:
+            if key == SettingCode.INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise H2ConnectionError(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise H2ConnectionError(
+                        ErrorCode.FLOW_CONTROL_ERROR, "initial window too large"
+                    )
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for stream in self.streams.values():
                     stream.send_window += delta
                     if stream.send_window > MAX_WINDOW:
-                        raise H2ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
+                        raise H2ConnectionError(
+                            ErrorCode.FLOW_CONTROL_ERROR, "stream window overflow"
+                        )
                 self._wake_window()
-            elif key == S_MAX_FRAME_SIZE:
-                if not DEFAULT_FRAME <= value <= 16_777_215:
-                    raise H2ConnectionError(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+            elif key == SettingCode.MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME <= value <= MAX_FRAME:
+                    raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
                 self.peer_max_frame = value
-            elif key == S_ENABLE_PUSH:
+            elif key == SettingCode.ENABLE_PUSH:
                 if value > 1 or (value == 1 and self.client):
-                    raise H2ConnectionError(PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
-            elif key == S_HEADER_TABLE_SIZE:
+                    raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
+            elif key == SettingCode.HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = min(value, 4096)
-        self.reply(frame_header(0, SETTINGS, ACK, 0))
+        self.reply(frame_header(0, FrameType.SETTINGS, Flag.ACK, 0))
         if not self.settings_seen:
             self.settings_seen = True
             if not self.ready.done():
@@ -641,25 +642,25 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
 
     def on_window_update(self, view: memoryview, sid: int, start: int, end: int) -> None:
         if end - start != 4:
-            raise H2ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE is not 4 bytes")
+            raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE is not 4 bytes")
         increment = int.from_bytes(view[start:end], "big") & 0x7FFFFFFF
         if sid == 0:
             if increment == 0:
-                raise H2ConnectionError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
-                raise H2ConnectionError(FLOW_CONTROL_ERROR, "connection window overflow")
+                raise H2ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window overflow")
         else:
             self.check_not_idle(sid, "WINDOW_UPDATE")
             stream = self.streams.get(sid)
             if stream is None:
                 return
             if increment == 0:
-                self.stream_failed(stream, PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+                self.stream_failed(stream, ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
                 return
             stream.send_window += increment
             if stream.send_window > MAX_WINDOW:
-                self.stream_failed(stream, FLOW_CONTROL_ERROR, "window overflow")
+                self.stream_failed(stream, ErrorCode.FLOW_CONTROL_ERROR, "window overflow")
                 return
         self._wake_window()
 
@@ -667,9 +668,13 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         try:
             headers = self.decoder.decode(bytes(block), raw=True)
         except hpack.OversizedHeaderListError as exc:
-            raise H2ConnectionError(ENHANCE_YOUR_CALM, f"header list too large: {exc}") from None
+            raise H2ConnectionError(
+                ErrorCode.ENHANCE_YOUR_CALM, f"header list too large: {exc}"
+            ) from None
         except (hpack.HPACKError, IndexError, ValueError) as exc:
-            raise H2ConnectionError(COMPRESSION_ERROR, f"bad header block: {exc}") from None
+            raise H2ConnectionError(
+                ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}"
+            ) from None
         self.on_headers(sid, cast(list[tuple[bytes, bytes]], headers), self.header_end_stream)
 
     def on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:

@@ -24,18 +24,8 @@ from xdsfast.engines import (
     StreamHandler,
 )
 from xdsfast.engines._sockets import prepare_socket_path
-from xdsfast.engines.fast.protocol import (
-    CONTENT_TYPE,
-    NO_ERROR,
-    PROTOCOL_ERROR,
-    REFUSED_STREAM,
-    RST_STREAM,
-    S_MAX_CONCURRENT_STREAMS,
-    STREAM_CLOSED,
-    Connection,
-    Stream,
-    frame_u32,
-)
+from xdsfast.engines.fast.h2numbers import ErrorCode, FrameType, SettingCode
+from xdsfast.engines.fast.protocol import CONTENT_TYPE, Connection, Stream, frame_u32
 
 _log = log.scope("xdsproxy")
 
@@ -84,7 +74,11 @@ class _ServerConnection(Connection):
         self.peer = "unknown"
 
     def extra_settings(self) -> dict[int, int]:
-        return {S_MAX_CONCURRENT_STREAMS: min(self.server.settings.max_concurrent_streams, 2**31)}
+        return {
+            SettingCode.MAX_CONCURRENT_STREAMS: min(
+                self.server.settings.max_concurrent_streams, 2**31
+            )
+        }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -114,21 +108,21 @@ class _ServerConnection(Connection):
         if stream is not None:  # trailers from Envoy: must end the stream
             if not end:
                 self.count_reply()
-                self.reset(stream, PROTOCOL_ERROR)
+                self.reset(stream, ErrorCode.PROTOCOL_ERROR)
                 self.stream_lost(stream, StreamError(Status(Code.INTERNAL, "bad trailers")))
                 return
             self.on_end_stream(stream)
             return
         if sid % 2 == 0 or sid <= self.last_peer_stream:
             if sid % 2 == 0 or sid > self.last_peer_stream:
-                raise H2ConnectionError(PROTOCOL_ERROR, f"bad stream id {sid}")
-            raise H2ConnectionError(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+                raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, f"bad stream id {sid}")
+            raise H2ConnectionError(ErrorCode.STREAM_CLOSED, f"HEADERS on closed stream {sid}")
         self.last_peer_stream = sid
         if self.goaway_sent:
-            self.reply(frame_u32(RST_STREAM, sid, REFUSED_STREAM))
+            self.reply(frame_u32(FrameType.RST_STREAM, sid, ErrorCode.REFUSED_STREAM))
             return
         if len(self.streams) >= self.server.settings.max_concurrent_streams:
-            self.reply(frame_u32(RST_STREAM, sid, REFUSED_STREAM))
+            self.reply(frame_u32(FrameType.RST_STREAM, sid, ErrorCode.REFUSED_STREAM))
             return
         fields = dict(headers)
         method, path = fields.get(b":method"), fields.get(b":path", b"")
@@ -152,7 +146,7 @@ class _ServerConnection(Connection):
         self.count_reply()
         self.send_headers(sid, _trailers(status, with_status=True), True)
         if not ended:
-            self.write(frame_u32(RST_STREAM, sid, NO_ERROR))
+            self.write(frame_u32(FrameType.RST_STREAM, sid, ErrorCode.NO_ERROR))
 
     async def _serve(self, stream: Stream, mode: Mode) -> None:
         try:
@@ -177,7 +171,7 @@ class _ServerConnection(Connection):
     def _finish(self, stream: Stream) -> None:
         """Trailers sent: the stream is done on our side."""
         if not stream.ended:
-            self.write(frame_u32(RST_STREAM, stream.id, NO_ERROR))
+            self.write(frame_u32(FrameType.RST_STREAM, stream.id, ErrorCode.NO_ERROR))
         self.forget(stream)
 
     def on_bad_message(self, stream: Stream, status: Status) -> None:
@@ -191,7 +185,7 @@ class _ServerConnection(Connection):
 
     def on_goaway(self, last: int, code: int, debug: str) -> None:
         self.goaway_received = last
-        if code != NO_ERROR:
+        if code != ErrorCode.NO_ERROR:
             self.close(f"GOAWAY from Envoy ({code}): {debug}")
 
 
@@ -243,7 +237,7 @@ class FastServer:
             server.close()
         self._servers = []
         for conn in list(self.connections):
-            conn.goaway(NO_ERROR, "server shutting down")
+            conn.goaway(ErrorCode.NO_ERROR, "server shutting down")
         tasks = [
             s.task for c in self.connections for s in c.streams.values()
             if s.task is not None and not s.task.done()
