@@ -8,6 +8,20 @@
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
+cdef enum:
+    C_ROTATIONS = 8  # orders an answer rotates through (Python: ROTATIONS)
+    C_MAX_SECTION = 65535 - 12 - 259  # what fits after the header and question (MAX_SECTION)
+    TTL = 30  # of every record, as Istio's
+    CANCEL_EVERY = 1024  # hosts between two looks at the cancel flag (1-3 ms of work)
+
+cdef enum:  # build status
+    OK = 0
+    NONCANONICAL = 1  # an encoding this parser leaves to protobuf (re-encode, call again)
+    MALFORMED = -1
+    NOMEM = -2
+    TOOMANY = -3
+    CANCELLED = -4  # the caller's cancel flag was set: a newer table supersedes this one
+
 ctypedef struct Buf:  # a growable buffer (build scratch and the table's own)
     uint8_t* p
     size_t n
@@ -99,3 +113,4 @@ cdef int entry_names(const uint8_t* wire, Entry* entry, Rules* r, Buf* text,
 cdef int utf8(const uint8_t* p, size_t n) noexcept nogil
 cdef int strings(const uint8_t* p, size_t n, uint8_t last_tag) noexcept nogil
 cdef int check(const uint8_t* p, size_t n) noexcept nogil
+cdef bytes _encode(bytes dotted)

@@ -4,4 +4,3 @@ from xdsfast._dnstable_py import ROTATIONS as ROTATIONS
 from xdsfast._dnstable_py import CompiledTable as CompiledTable
 from xdsfast._dnstable_py import accepted as accepted
 from xdsfast._dnstable_py import build as build
-from xdsfast._dnstable_py import next_turn as next_turn

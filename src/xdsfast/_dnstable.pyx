@@ -43,35 +43,17 @@ cdef extern from *:
     """
     int cancelled "xdsfast_cancelled" (const uint8_t* flag) noexcept nogil
 
-ROTATIONS = 8
-MAX_SECTION = 65535 - 12 - 259
-DEF C_ROTATIONS = 8
-DEF C_MAX_SECTION = 65535 - 12 - 259
-DEF TTL = 30
-cdef uint32_t NONE = 0xFFFFFFFFu
+# The C constants (_dnstable.pxd), as Python reads them.
+ROTATIONS = C_ROTATIONS
+MAX_SECTION = C_MAX_SECTION
 
-# build status
-DEF OK = 0
-DEF NONCANONICAL = 1  # an encoding this parser leaves to protobuf (re-encode, call again)
-DEF MALFORMED = -1
-DEF NOMEM = -2
-DEF TOOMANY = -3
-DEF CANCELLED = -4  # the caller's cancel flag was set: a newer table supersedes this one
-DEF CANCEL_EVERY = 1024  # hosts between two looks at the cancel flag (1-3 ms of work)
+cdef uint32_t NONE = 0xFFFFFFFFu
 
 cdef uint8_t LOWER[256]
 for _i in range(256):
     LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
 
-cdef uint64_t _turn = 0
-
-
-def next_turn():
-    """The round-robin counter: which order the next rotated answer uses."""
-    global _turn
-    cdef uint64_t t = _turn
-    _turn += 1
-    return t
+cdef uint64_t _turn = 0  # the round-robin counter: which order the next rotated answer uses
 
 
 # -- growable buffers (build scratch and the table's own) -------------------------------------
@@ -941,9 +923,10 @@ cdef class CompiledTable:
                 yield name + b"\0\x1c\0\x01"
 
     def __contains__(self, key):
-        if not isinstance(key, bytes) or len(key) < 5 or key[-4:] not in (b"\0\x01\0\x01", b"\0\x1c\0\x01"):
+        if (not isinstance(key, bytes) or len(key) < 5
+                or key[len(key) - 4:] not in (b"\0\x01\0\x01", b"\0\x1c\0\x01")):
             return False
-        name = key[:-4]
+        name = key[:len(key) - 4]
         return self.find(<const uint8_t*>PyBytes_AS_STRING(name), <size_t>len(name)) >= 0
 
     def __len__(self):
@@ -1007,12 +990,12 @@ def build(bytes wire, rules, cancel=None):
     return table
 
 
-def _encode(bytes dotted):
+cdef bytes _encode(bytes dotted):
     """The wire form of a search domain (``a.b.``), as ``wire.encode_name``; None if none."""
     if not dotted.endswith(b".") or len(dotted) + 1 > 255 or not dotted.isascii():
         return None
     out = bytearray()
-    for label in dotted[:-1].split(b"."):
+    for label in dotted[:len(dotted) - 1].split(b"."):
         if not 0 < len(label) < 64:
             return None
         out.append(len(label))

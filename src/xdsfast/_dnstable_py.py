@@ -7,7 +7,7 @@ answer is stored: each reply is written when the query comes, as the header
 sent, then for A or AAAA the CNAME record (search-domain forms) and the
 family's address records, rotated round-robin: with ``n`` records, up to
 ``ROTATIONS`` orders (``n`` <= 8: each rotation; else every ``n / 8``-th), the
-next order per reply from one counter shared by all names (``next_turn``).
+next order per reply from one counter shared by all names.
 Records name their owner with a pointer to the question, or to the CNAME
 record's target, TTL 30.  That is what the precomputed answers of earlier
 versions held (which spelled the target out again: fewer records fit in 512
@@ -42,12 +42,7 @@ _RR = struct.Struct("!HHIH")
 _COUNTS = struct.Struct("!HHHH")
 _TTL = 30
 
-_turns = itertools.count()
-
-
-def next_turn() -> int:
-    """The round-robin counter: which order the next rotated answer uses."""
-    return next(_turns)
+_turns = itertools.count()  # the round-robin counter: which order the next answer uses
 
 
 class Rules(Protocol):
@@ -168,7 +163,7 @@ def _compose(data: bytes, qend: int, entry: _Entry, aaaa: bool, order: int | Non
     n = len(addresses)
     start = 0
     if n > 1:
-        k = (next_turn() if order is None else order) % min(n, ROTATIONS)
+        k = (next(_turns) if order is None else order) % min(n, ROTATIONS)
         start = k if n <= ROTATIONS else k * n // ROTATIONS
     rtype = 28 if aaaa else 1
     if prefix:  # the records' owner is the CNAME's target, where its record spells it

@@ -43,7 +43,6 @@ else:
 
 CompiledTable = _impl.CompiledTable
 ROTATIONS = _impl.ROTATIONS
-next_turn = _impl.next_turn
 accepted = _impl.accepted  # the compiled module: True if protobuf surely takes the bytes
 
 _log = log.scope("dns")
