@@ -14,20 +14,20 @@ from types import ModuleType
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twins import Cores, both
 
 from xdsfast import _dnstable_py, nds_pb2
 from xdsfast.dns import table as table_module
 from xdsfast.dns.names import Addresses, Lookup, NameRules, build_lookup
 from xdsfast.dns.wire import CLASS_IN, TTL, TYPE_A, TYPE_AAAA, TYPE_CNAME, NameEncoder
 
-compiled_module: ModuleType | None
-try:
-    from xdsfast import _dnstable as compiled_module
-except ImportError:  # pragma: no cover - a build without the compiled core
-    compiled_module = None
-
-needs_compiled = pytest.mark.skipif(compiled_module is None, reason="no compiled _dnstable")
 Info = nds_pb2.NameTable.NameInfo
+
+
+def compiled() -> ModuleType:
+    """The compiled table's module (the test is skipped where it is not built)."""
+    return both()[1].dnstable
+
 
 # -- the reference: the precomputed answers of earlier versions --------------------------------
 
@@ -170,7 +170,6 @@ def test_twin_answers_exactly_as_the_precomputed_answers(
         assert twin.sections(key[:-4], key[-3]) == sections, key
 
 
-@needs_compiled
 @given(tables, rules)
 @SETTINGS
 def test_compiled_table_is_its_twin(
@@ -178,9 +177,9 @@ def test_compiled_table_is_its_twin(
 ) -> None:
     """Same questions, same sections in the same order, same replies to the same queries
     (fast and slow paths, any case, EDNS, wildcards), same counts."""
-    assert compiled_module is not None
+    twin_module, compiled_module = (cores.dnstable for cores in both())
     wire = name_table(entries)
-    twin = _dnstable_py.build(wire, rule)
+    twin = twin_module.build(wire, rule)
     compiled = compiled_module.build(wire, rule)
     assert twin is not None and compiled is not None
     assert (compiled.hosts, compiled.names, len(compiled)) == (twin.hosts, twin.names, len(twin))
@@ -204,10 +203,9 @@ def _same_reply(got: bytes | None, want: bytes | None, qend: int) -> None:
     assert got[:qend] == want[:qend] and len(got) == len(want)
 
 
-@needs_compiled
 def test_compiled_round_robin_steps_through_the_orders_in_turn() -> None:
     """Each reply takes the next order, as the precomputed rotation did."""
-    assert compiled_module is not None
+    compiled_module = compiled()
     rule = NameRules("default")
     for count in (3, 20):
         entries = {"many.example": Info(ips=[f"10.0.0.{i}" for i in range(1, count + 1)],
@@ -226,11 +224,10 @@ def test_compiled_round_robin_steps_through_the_orders_in_turn() -> None:
         assert all((b - a) % len(sections) == 1 for a, b in itertools.pairwise(got))
 
 
-@needs_compiled
 def test_repeated_keys_are_left_to_protobuf() -> None:
     """Two map entries with one key: protobuf keeps the last; the compiled parser hands such
     an encoding back (None) and ``table.build`` re-encodes it with protobuf first."""
-    assert compiled_module is not None
+    compiled_module = compiled()
     first = name_table({"a.example": Info(ips=["10.0.0.1"], registry="External")})
     second = name_table({"a.example": Info(ips=["10.0.0.2"], registry="External")})
     rule = NameRules("default")
@@ -240,20 +237,18 @@ def test_repeated_keys_are_left_to_protobuf() -> None:
     assert sections is not None and sections[0].endswith(bytes([10, 0, 0, 2]))
 
 
-@needs_compiled
 @pytest.mark.parametrize("cut", [1, 2, 5, 9])
 def test_compiled_parser_rejects_truncated_bytes(cut: int) -> None:
-    assert compiled_module is not None
+    compiled_module = compiled()
     wire = name_table({"a.example": Info(ips=["10.0.0.1"], registry="External")})
     with pytest.raises(ValueError, match="cannot decode NameTable"):
         compiled_module.build(wire[:-cut], NameRules("default"))
 
 
-@needs_compiled
 def test_compiled_table_is_compact() -> None:
     """20k Kubernetes services (6 names each, with the search-domain CNAMEs) in well under
     400 bytes per host: names share their hostname's bytes and CNAMEs take none."""
-    assert compiled_module is not None
+    compiled_module = compiled()
     table = nds_pb2.NameTable()
     for i in range(20000):
         ns = f"ns-{i % 50:02d}"
@@ -271,7 +266,7 @@ def test_compiled_table_is_compact() -> None:
     assert built.nbytes < 20000 * 250
 
 
-def test_naming_rule_spellings() -> None:
+def test_naming_rule_spellings(twins: Cores) -> None:
     """One spelling per DNS name: a trailing ``..`` is ``.`` (an alt_hosts entry ``x.``
     answers as ``x.``), only ASCII names are lowercased (KELVIN SIGN is no ``k``), and
     the root name gets no search-domain CNAME."""
@@ -282,13 +277,9 @@ def test_naming_rule_spellings() -> None:
             alt_hosts=["Alias.Example.", "\u212a.example"]),
         "": Info(ips=["10.0.0.9"], registry="External"),
     }  # fmt: skip
-    wire = name_table(entries)
-    builds = [_dnstable_py.build(wire, rule)]
-    if compiled_module is not None:
-        builds.append(compiled_module.build(wire, rule))
-    for built in builds:
-        assert built is not None
-        assert b"\x05alias\x07example\x00" + A_IN in built
-        assert b"\x01k\x07example\x00" + A_IN not in built
-        assert b"\x00" + A_IN in built  # the root itself, as before
-        assert b"\x07default\x03svc\x07cluster\x05local\x00" + A_IN not in built
+    built = twins.dnstable.build(name_table(entries), rule)
+    assert built is not None
+    assert b"\x05alias\x07example\x00" + A_IN in built
+    assert b"\x01k\x07example\x00" + A_IN not in built
+    assert b"\x00" + A_IN in built  # the root itself, as before
+    assert b"\x07default\x03svc\x07cluster\x05local\x00" + A_IN not in built

@@ -6,27 +6,19 @@ a malformed message, the agent's first LDS request)."""
 
 from __future__ import annotations
 
-import contextlib
 from bisect import bisect_left
-from types import ModuleType
 from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from twins import KINDS, Cores, both
 
-from xdsfast import _core_py, _route_py, route, wire, xds_pb2
+from xdsfast import _route_py, route, wire, xds_pb2
 from xdsfast.engines import Mode
 from xdsfast.metrics import PUSH_LATENCY_BUCKETS, Metrics
 from xdsfast.typeurls import LISTENER
 
-IMPLS: list[tuple[ModuleType, ModuleType]] = [(_route_py, _core_py)]
-with contextlib.suppress(ImportError):
-    from xdsfast import _core, _route
-
-    IMPLS.append((_route, _core))
-
-IDS = [impl.__name__.rsplit(".", 1)[-1] for impl, _ in IMPLS]
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 TYPES = (EDS, CDS, LISTENER)
@@ -46,14 +38,15 @@ class Side:
         return self.ok
 
 
-def session(impl: ModuleType, core: ModuleType, mode: Mode) -> Any:
+def session(cores: Cores, mode: Mode) -> Any:
     """A RouteCore subclass as the relay makes one, on fake sides and real metrics."""
+    core = cores.core
 
-    class State(impl.TypeState):  # type: ignore[name-defined,misc]
+    class State(cores.route.TypeState):  # type: ignore[name-defined,misc]
         def nack(self, mode: Mode, data: bytes) -> None:
             self.ack, self.error = "NACK", (len(data), mode.name)
 
-    class Session(impl.RouteCore):  # type: ignore[name-defined,misc]
+    class Session(cores.route.RouteCore):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
             sotw = mode is Mode.SOTW
             super().__init__(
@@ -117,14 +110,11 @@ def snapshot(s: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(
-    params=[(impl, core, mode) for impl, core in IMPLS for mode in Mode],
-    ids=[f"{name}-{mode.name}" for name in IDS for mode in Mode],
-)
-def routed(request: pytest.FixtureRequest) -> tuple[Any, Mode]:
+@pytest.fixture(params=list(Mode), ids=lambda mode: mode.name)
+def routed(request: pytest.FixtureRequest, twins: Cores) -> tuple[Any, Mode]:
     """A session on each core, in each mode."""
-    impl, core, mode = request.param
-    return session(impl, core, mode), mode
+    mode: Mode = request.param
+    return session(twins, mode), mode
 
 
 def test_response_sink_forwards_only_plain_types_when_the_write_would_not_wait(
@@ -186,8 +176,8 @@ EVENTS = st.lists(
 )
 
 
-def play(impl: ModuleType, core: ModuleType, mode: Mode, events: list[Any]) -> list[Any]:
-    s = session(impl, core, mode)
+def play(cores: Cores, mode: Mode, events: list[Any]) -> list[Any]:
+    s = session(cores, mode)
     upstream = Side()
     answers: list[Any] = []
     for n, event in enumerate(events):
@@ -219,7 +209,6 @@ def play(impl: ModuleType, core: ModuleType, mode: Mode, events: list[Any]) -> l
     return [answers, snap]
 
 
-@pytest.mark.skipif(len(IMPLS) < 2, reason="no compiled route core to compare with")
 @settings(max_examples=300, deadline=None)
 @given(events=EVENTS, delta=st.booleans())
 # The paths a short random list reaches least: a request while one is being sent, a NACK,
@@ -230,7 +219,7 @@ def play(impl: ModuleType, core: ModuleType, mode: Mode, events: list[Any]) -> l
 @example([("connect", True), ("request", 2, 0, False), ("initial", True)], True)
 def test_twins_agree_on_any_sequence_of_messages(events: list[Any], delta: bool) -> None:
     mode = Mode.DELTA if delta else Mode.SOTW
-    twin, compiled = (play(impl, core, mode, events) for impl, core in IMPLS)
+    twin, compiled = (play(cores, mode, events) for cores in both())
     assert twin == compiled
 
 
@@ -240,8 +229,8 @@ def test_latency_counts_agree_on_any_values(values: list[float]) -> None:
     """The push-latency histogram's counting, compiled and twin: the same bucket for every
     value (a value on a bound counts in that bound's bucket, as bisect_left puts it)."""
     seen = []
-    for impl, _ in IMPLS:
-        latencies = impl.Latencies(tuple(PUSH_LATENCY_BUCKETS))
+    for kind in KINDS:
+        latencies = Cores(kind).route.Latencies(tuple(PUSH_LATENCY_BUCKETS))
         for value in values:
             latencies.observe(value)
         seen.append((latencies.counts, latencies.count, repr(latencies.sum)))

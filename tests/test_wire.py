@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import random
 import subprocess
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2 as pb
@@ -18,25 +15,18 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twins import Cores
 
 from xdsfast import _core_py, wire
 
+# Read here, not from xdsfast._ext: a missing compiled core must fail test_compiled_core_in_use.
 NO_EXTENSIONS = bool(os.environ.get("XDSFAST_NO_EXTENSIONS"))
 
 
-def _implementations() -> list[Any]:
-    impls: list[Any] = [pytest.param(_core_py, id="python")]
-    if not NO_EXTENSIONS:
-        # a missing compiled core is reported by test_compiled_core_in_use
-        with contextlib.suppress(ImportError):
-            impls.append(pytest.param(importlib.import_module("xdsfast._core"), id="cython"))
-    return impls
-
-
-@pytest.fixture(params=_implementations())
-def core(request: pytest.FixtureRequest) -> ModuleType:
-    module: ModuleType = request.param
-    return module
+@pytest.fixture
+def core(twins: Cores) -> ModuleType:
+    """The peeker of each kind (the ``twins`` fixture: tests/twins.py)."""
+    return twins.core
 
 
 # -- which implementation is active -------------------------------------------------------
