@@ -6,8 +6,10 @@ whichever one is active; this pins the two to each other on the frames that matt
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 import struct
-from collections import deque
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -16,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xdsfast._errors import H2ConnectionError
-from xdsfast.engines.fast import _h2_py
+from xdsfast.engines.fast import _h2_py, protocol
 from xdsfast.engines.fast.h2numbers import Flag, FrameType
 
 IMPLS: list[ModuleType] = [_h2_py]
@@ -58,9 +60,8 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
 
     class Conn(h2.ConnCore):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__(False)  # the server's side: the preface comes first
             self.transport = Transport()
-            self.preface_seen = False
             self.settings_seen = True
             self.local_window = LOCAL_WINDOW
             self.peer_initial_window = self.peer_max_frame = 1000
@@ -103,18 +104,13 @@ def build(h2: ModuleType) -> tuple[Any, list[tuple[Any, ...]]]:
 
     conn = Conn()
     for sid in (1, 3, 5):
-        stream = Stream()
-        stream.conn, stream.id = conn, sid
-        stream.assembler = h2.Assembler(MAX_MESSAGE)
-        stream.messages = deque()
-        stream.held = stream.credit = 0
-        stream.recv_window, stream.send_window = LOCAL_WINDOW, 1000
-        stream.ended, stream.closed, stream.receiving = sid == 5, False, sid == 1
-        stream.reading, stream.unread = sid == 1, 0  # the relay reads 1; 3 is not read yet
-        stream.error = None
-        stream._waiter = None
-        stream.sink = None
-        stream.sendable = True
+        stream = Stream(conn, sid, MAX_MESSAGE)
+        assert (stream.recv_window, stream.send_window) == (LOCAL_WINDOW, 1000)  # conn's
+        stream.sendable = True  # its headers are out
+        stream.ended = sid == 5
+        if sid == 1:  # the relay reads 1, and waits for it; 3 is not read yet
+            stream.start_reading()
+            stream.receiving = True
         conn.streams[sid] = stream
 
     def sink(message: bytes) -> bool:
@@ -309,3 +305,22 @@ def test_an_oversized_frame_aborts_with_frame_size_error(h2: ModuleType) -> None
     conn, log = build(h2)
     conn.data_received(b"PRI * HTTP/2.0\r\n\r\nXX")
     assert log == [("abort", 1, "bad connection preface")]
+
+
+def test_the_callbacks_the_pxd_lists_are_the_twins_and_the_engine_defines_them() -> None:
+    """_h2.pxd's header names every method the core calls on its Python subclass: they
+    are the twin's stubs (each raises NotImplementedError), and the engine defines each."""
+    text = Path(_h2_py.__file__).with_name("_h2.pxd").read_text()
+    section = text.split("# Callbacks:", 1)[1].split("\n#\n", 1)[0]
+    listed = set(re.findall(r"^#\s+(?:\w+\s+->\s+)?(\w+)\(", section, re.MULTILINE))
+    stubs = {
+        (core.__name__, name)
+        for core in (_h2_py.StreamCore, _h2_py.ConnCore)
+        for name, method in vars(core).items()
+        if inspect.isfunction(method)
+        and inspect.getsource(method).rstrip().endswith("raise NotImplementedError")
+    }
+    assert listed == {name for _, name in stubs}
+    engine = {"StreamCore": protocol.Stream, "ConnCore": protocol.Connection}
+    for core, name in stubs:
+        assert getattr(engine[core], name) is not getattr(getattr(_h2_py, core), name, None)

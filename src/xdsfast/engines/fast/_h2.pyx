@@ -18,7 +18,11 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from xdsfast.engines.fast.h2numbers cimport MAX_WINDOW, ErrorCode, Flag, FrameType
+from xdsfast.engines.fast.h2numbers cimport (
+    DEFAULT_FRAME, DEFAULT_WINDOW, MAX_WINDOW, ErrorCode, Flag, FrameType,
+)
+
+from collections import deque
 
 from xdsfast._errors import H2ConnectionError
 
@@ -165,15 +169,6 @@ cdef class Assembler:
     feeding stops.
     """
 
-    cdef readonly Py_ssize_t max_len
-    cdef public Py_ssize_t prealloc  # allocated at a prefix at most (then doubled as needed)
-    cdef public int error
-    cdef public Py_ssize_t error_length
-    cdef uint8_t head[5]
-    cdef Py_ssize_t head_len  # prefix bytes seen of the current message
-    cdef object msg  # the bytes being filled (``msg_cap`` allocated), or None
-    cdef Py_ssize_t msg_len, msg_pos, msg_cap
-
     def __init__(self, Py_ssize_t max_len):
         self.max_len = max_len
         self.prealloc = PREALLOC_MAX
@@ -305,9 +300,8 @@ cdef class Assembler:
 # ``StreamCore`` and ``ConnCore`` hold the state the per-read path touches (windows, the
 # reassembler, the DATA frame being received) and run that path without a Python-level
 # call per frame.  The engine subclasses them (``protocol.py``) with everything that
-# is not per read: headers, settings, pings, GOAWAY, errors.  Those the core calls by name
-# (``on_frame``, ``on_end_stream``, ``abort``, ``engine_error``, ``stream_failed``,
-# ``check_not_idle``, ``unread_over``, ``bad_message``, ``sink_failed``, ``_wake_window``).
+# is not per read: headers, settings, pings, GOAWAY, errors.  The callbacks the core makes
+# by name on the subclass, and its fields and C signatures, are declared in ``_h2.pxd``.
 #
 # Hostile peers.  Memory: a stream's data is credited back to the peer, for the stream and
 # for the connection, only once the relay has taken it (or it belongs to a message being
@@ -356,7 +350,7 @@ cdef inline Py_ssize_t _u24(const uint8_t* p):
     return (<Py_ssize_t>p[0] << 16) | (<Py_ssize_t>p[1] << 8) | p[2]
 
 
-cdef bytes _frame_u32(int ftype, uint32_t stream_id, uint32_t value):
+cpdef bytes frame_u32(int ftype, uint32_t stream_id, uint32_t value):
     """A frame whose payload is one 32-bit number (WINDOW_UPDATE, RST_STREAM)."""
     out = PyBytes_FromStringAndSize(NULL, 13)
     cdef uint8_t* o = <uint8_t*>PyBytes_AS_STRING(out)
@@ -368,19 +362,12 @@ cdef bytes _frame_u32(int ftype, uint32_t stream_id, uint32_t value):
     return out
 
 
-def frame_u32(int ftype, uint32_t stream_id, uint32_t value):
-    """A frame whose payload is one 32-bit number (WINDOW_UPDATE, RST_STREAM)."""
-    return _frame_u32(ftype, stream_id, value)
-
-
 cdef inline StreamCore _stream_of(dict streams, uint32_t sid):
     cdef PyObject* found = PyDict_GetItem(streams, sid)
     if found == NULL:
         return None
     return <StreamCore>found
 
-
-cdef class ConnCore
 
 # Over TLS each transport write is its own SSL_write and record (~9k instructions in
 # OpenSSL 3).  A connection with ``coalesce`` set holds the writes made during a read
@@ -393,22 +380,20 @@ cdef list _batched = []  # the connections holding writes in this batch
 cdef class StreamCore:
     """One stream's receive state and its one-frame send path."""
 
-    cdef public ConnCore conn
-    cdef public uint32_t id
-    cdef public Assembler assembler
-    cdef public object messages  # deque of complete messages not yet taken by recv()
-    cdef public Py_ssize_t held  # received bytes not yet credited back to the peer
-    cdef public Py_ssize_t credit  # bytes consumed, to credit in a batch
-    cdef public Py_ssize_t recv_window, send_window
-    cdef public bint ended  # the peer ended its side (END_STREAM)
-    cdef public bint closed  # we are done with it (trailers sent / reset / failed)
-    cdef public bint receiving  # recv() waits, with nothing queued
-    cdef public object error  # recv() raises it once messages run out
-    cdef public object sink  # takes messages while recv() waits
-    cdef public bint sendable  # the relay may send now (headers out, not half-closed)
-    cdef public bint reading  # the relay has started taking its messages
-    cdef public Py_ssize_t unread  # what its messages cost while it was not read (bytes)
-    cdef public object _waiter
+    def __init__(self, ConnCore conn, uint32_t stream_id, Py_ssize_t max_recv):
+        self.conn = conn
+        self.id = stream_id
+        self.assembler = Assembler(max_recv)  # cuts gRPC messages out of DATA payloads
+        self.assembler.prealloc = PREALLOC_UNREAD  # a hostile prefix costs little
+        self.messages = deque()
+        self.held = self.credit = 0
+        self.recv_window = conn.local_window
+        self.send_window = conn.peer_initial_window
+        self.ended = self.closed = self.receiving = False
+        self.error = self.sink = self._waiter = None
+        self.sendable = False  # server: once headers are out; client: until half-closed
+        self.reading = False
+        self.unread = 0
 
     def on_payload(self, buf, Py_ssize_t start, Py_ssize_t end):
         """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
@@ -430,14 +415,14 @@ cdef class StreamCore:
             messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
         if messages:
             self.messages.extend(messages)
-            self._wake_receiver()
+            StreamCore._wake_receiver(self)
             if not self.reading and self._count_unread(messages):
                 return 0  # over the budget: reset
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:
             # A message is being reassembled and nothing waits to be taken: let it come.
-            self._credit_held()
+            StreamCore._credit_held(self)
         return 0
 
     cdef bint _count_unread(self, list messages) except -1:
@@ -456,20 +441,17 @@ cdef class StreamCore:
             return True
         return False
 
-    def start_reading(self):
+    cpdef int start_reading(self) except -1:
         """The relay takes this stream's messages from now on: what they cost leaves the
         budgets, a message being reassembled may come (``_credit_held``), and the next
         one is allocated whole at its prefix."""
-        self._start_reading()
-
-    cdef int _start_reading(self) except -1:
         if self.reading:
             return 0
         self.reading = True
         self.assembler.prealloc = PREALLOC_MAX
         self._forget_unread()
         if not self.messages:
-            self._credit_held()
+            StreamCore._credit_held(self)
         return 0
 
     cdef int _forget_unread(self) except -1:
@@ -503,28 +485,24 @@ cdef class StreamCore:
         on from here, not one task step each."""
         cdef object messages = self.messages
         if not self.reading:
-            self._start_reading()
+            StreamCore.start_reading(self)
         if not messages or self.sink is None:
             return
         while messages:
             if not self._take(messages[0]):
                 return
             messages.popleft()
-        self._credit_held()
+        StreamCore._credit_held(self)
 
-    def _release(self):
-        self._credit_held()
-
-    cdef int _credit_held(self) except -1:
+    cpdef int _credit_held(self) except -1:
         """Credit everything held (called when the queue is empty)."""
         if self.held:
-            self.conn._credit(self, self.held)
+            ConnCore.credit_stream(self.conn, self, self.held)
             self.held = 0
+        return 0
 
-    def _wake(self):
-        self._wake_receiver()
-
-    cdef int _wake_receiver(self) except -1:
+    cpdef int _wake_receiver(self) except -1:
+        """Wake what waits for this stream (recv(), finished()), if anything does."""
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -533,7 +511,7 @@ cdef class StreamCore:
 
     def try_send(self, bytes data):
         """The relay's fast path: ``try_write`` if the stream is sendable and not failed."""
-        return self.sendable and self.error is None and self.try_write(data)
+        return self.sendable and self.error is None and StreamCore.try_write(self, data)
 
     cpdef bint try_write(self, bytes data) except -1:
         """Write ``data`` as one DATA frame if the windows are open and the socket keeps up."""
@@ -558,9 +536,9 @@ cdef class StreamCore:
                 _put_header(out, total, FrameType.DATA, 0, self.id)
                 _prefix(out + 9, 0, 5, size)
                 memcpy(out + 14, PyBytes_AS_STRING(data), size)
-                conn._put(chunk)
+                ConnCore.write(conn, chunk)
             else:
-                conn._put_all(data_frames(data, 0, total, self.id, total))
+                ConnCore.writelines(conn, data_frames(data, 0, total, self.id, total))
             return True
         return False
 
@@ -568,42 +546,34 @@ cdef class StreamCore:
 cdef class ConnCore:
     """One connection's receive state: frames found, DATA fed to streams, windows kept."""
 
-    cdef public object transport
-    cdef public bint client
-    cdef public bytearray buf  # the start of a frame cut by the end of a read
-    cdef public Py_ssize_t data_left  # payload bytes of the DATA frame being received
-    cdef public StreamCore data_stream  # its stream (None: unknown or reset)
-    cdef public bint data_feed  # its payload goes to the stream (else: dropped)
-    cdef public bint data_end_stream  # it carries END_STREAM
-    cdef public bint preface_seen, settings_seen, closed, write_paused
-    cdef public dict streams
-    cdef public Py_ssize_t local_window  # the stream window we advertise
-    cdef public Py_ssize_t peer_initial_window, peer_max_frame
-    cdef public Py_ssize_t send_window, recv_window  # connection level, each way
-    cdef public Py_ssize_t conn_credit  # connection-level bytes consumed, to credit
-    cdef public Py_ssize_t recv_frame  # the largest frame we accept
-    cdef public Py_ssize_t conn_window  # the connection window we keep open
-    cdef public object header_block  # HEADERS awaiting CONTINUATION, or None
-    cdef public double last_read  # time.monotonic() of the last read
-    cdef public list _window_waiters
-    cdef bytearray _rbuf  # what get_buffer() lends the transport, allocated at first use
-    cdef public bint coalesce  # hold writes made in a read callback, write them joined after
-    cdef list _pending  # the writes held (see _batch_depth)
-    cdef public bint in_read  # inside this connection's read callback
-    cdef public bint sent_data  # DATA or HEADERS written since the peer's last PING
-    cdef public Py_ssize_t unread  # what streams the relay does not read hold (bytes)
-    cdef public Py_ssize_t unread_max  # ... at most (UNREAD_MAX)
-    cdef public double budget, budget_at  # control frames the peer may send, as of when
-    cdef public double control_burst, control_rate  # the budget's size and refill per second
-    cdef public Py_ssize_t replies_paused  # replies written since the transport paused
-
-    def __cinit__(self, *args, **kwargs):
+    def __init__(self, bint client):
+        self.transport = None
+        self.client = client
         self.buf = bytearray()
+        self.data_left = 0
+        self.data_stream = None
+        self.data_feed = self.data_end_stream = False
+        self.preface_seen = client  # a server first reads the client's preface
+        self.settings_seen = self.closed = self.write_paused = False
         self.streams = {}
+        # The protocol's initial values, each way, until SETTINGS and WINDOW_UPDATE say more.
+        self.local_window = self.peer_initial_window = DEFAULT_WINDOW
+        self.recv_frame = self.peer_max_frame = DEFAULT_FRAME
+        self.send_window = self.recv_window = self.conn_window = DEFAULT_WINDOW
+        self.conn_credit = 0
+        self.header_block = None
+        self.last_read = _monotonic()
         self._window_waiters = []
+        self._rbuf = None
+        self.coalesce = False
+        self._pending = None
+        self.in_read = self.sent_data = False
+        self.unread = 0
         self.unread_max = UNREAD_MAX
         self.budget = self.control_burst = CONTROL_BURST
+        self.budget_at = 0.0
         self.control_rate = CONTROL_RATE
+        self.replies_paused = 0
 
     def get_buffer(self, Py_ssize_t sizehint):
         """asyncio.BufferedProtocol: reads land in one buffer per connection, parsed where
@@ -637,7 +607,7 @@ cdef class ConnCore:
             if not _batch_depth and _batched:
                 held, _batched = _batched, []
                 for conn in held:
-                    (<ConnCore>conn)._flush()
+                    ConnCore.flush(<ConnCore>conn)
         return 0
 
     cdef int _read(self, object data, const uint8_t* p, Py_ssize_t size) except -1:
@@ -646,7 +616,7 @@ cdef class ConnCore:
                 self._receive_preface(data if p == NULL else <object>PyBytes_FromStringAndSize(
                     <const char*>p, size))
             elif p == NULL:
-                self._feed(data)
+                self._receive(data)
             else:
                 self._receive_buf(data, p, size)
         except H2ConnectionError as exc:
@@ -673,13 +643,10 @@ cdef class ConnCore:
         rest = bytes(buf[n:])
         self.buf = bytearray()
         if rest:
-            self._feed(rest)
+            self._receive(rest)
         return 0
 
-    def _receive(self, data):
-        self._feed(data)
-
-    cdef int _feed(self, data) except -1:
+    cdef int _receive(self, data) except -1:
         """Frames out of ``data``, read where it lies: only a frame cut by the end of a
         read is kept in ``self.buf``; a DATA frame's payload goes to its stream as it
         arrives, however the frame is cut."""
@@ -689,6 +656,7 @@ cdef class ConnCore:
             self._receive_buf(data, <const uint8_t*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+        return 0
 
     cdef int _receive_buf(self, object data, const uint8_t* p, Py_ssize_t size) except -1:
         cdef Py_ssize_t pos = 0, left, stop, length
@@ -703,7 +671,7 @@ cdef class ConnCore:
                     stream._payload(p, pos, stop)
                 pos = stop
                 if not self.data_left:
-                    self._end_data()
+                    ConnCore.end_data(self)
                 continue
             if len(self.buf):
                 pos = self._fill_pending(p, pos, size)
@@ -722,7 +690,7 @@ cdef class ConnCore:
             if pos < size:  # a frame cut by the end of this read
                 if size - pos >= 9 and p[pos + 3] == FrameType.DATA \
                         and not p[pos + 4] & Flag.PADDED:
-                    self._start_data(p[pos + 4], _u31(p + pos + 5), _u24(p + pos))
+                    ConnCore.start_data(self, p[pos + 4], _u31(p + pos + 5), _u24(p + pos))
                     pos += 9
                 else:
                     _append(self.buf, p + pos, size - pos)
@@ -751,9 +719,9 @@ cdef class ConnCore:
             flags = b[4]
             sid = _u31(b + 5)
             PyByteArray_Resize(buf, 0)
-            self._start_data(flags, sid, length)
+            ConnCore.start_data(self, flags, sid, length)
             if not length:
-                self._end_data()
+                ConnCore.end_data(self)
             return pos
         take = min(9 + length - len(buf), size - pos)
         _append(buf, p + pos, take)
@@ -787,16 +755,16 @@ cdef class ConnCore:
                 if length:
                     stream._payload(p, start, end)
                 elif not flags & Flag.END_STREAM:
-                    self._charge("empty DATA frames")
+                    ConnCore.charge(self, "empty DATA frames")
                 if flags & Flag.END_STREAM:
                     self.on_end_stream(stream)
                 return 0
-            self._start_data(flags, sid, length)
+            ConnCore.start_data(self, flags, sid, length)
             self.data_left = 0
             stream = self.data_stream
             if stream is not None and self.data_feed and end > start:
                 stream._payload(p, start, end)
-            self._end_data()
+            ConnCore.end_data(self)
             return 0
         if ftype == FrameType.WINDOW_UPDATE and length == 4 and self.header_block is None \
                 and self.settings_seen:
@@ -822,10 +790,7 @@ cdef class ConnCore:
             view.release()
         return 0
 
-    def data_start(self, int flags, uint32_t sid, Py_ssize_t length):
-        self._start_data(flags, sid, length)
-
-    cdef int _start_data(self, int flags, uint32_t sid, Py_ssize_t length) except -1:
+    cpdef int start_data(self, int flags, uint32_t sid, Py_ssize_t length) except -1:
         """A DATA frame's header: flow control for all of it; its payload follows."""
         cdef StreamCore stream
         if self.header_block is not None:
@@ -838,7 +803,7 @@ cdef class ConnCore:
         if self.recv_window < 0:
             raise H2ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
         if not length and not flags & Flag.END_STREAM:
-            self._charge("empty DATA frames")
+            ConnCore.charge(self, "empty DATA frames")
         self.data_left = length
         self.data_end_stream = flags & Flag.END_STREAM
         self.data_feed = False
@@ -846,7 +811,7 @@ cdef class ConnCore:
         if stream is None:
             self.conn_credit += length  # dropped: the connection's share comes back at once
             self.check_not_idle(sid, "DATA")
-            self._reply(_frame_u32(FrameType.RST_STREAM, sid, ErrorCode.STREAM_CLOSED))
+            ConnCore.reply(self, frame_u32(FrameType.RST_STREAM, sid, ErrorCode.STREAM_CLOSED))
             return 0
         if stream.ended:
             self.conn_credit += length
@@ -860,35 +825,33 @@ cdef class ConnCore:
             self.stream_failed(stream, ErrorCode.FLOW_CONTROL_ERROR, "flow control error")
             return 0
         if stream.error is not None or stream.closed:  # not wanted any more: credit at once
-            self._credit(stream, length)
+            ConnCore.credit_stream(self, stream, length)
             return 0
         stream.held += length
         self.data_feed = True
+        return 0
 
-    def _data_done(self):
-        self._end_data()
-
-    cdef int _end_data(self) except -1:
+    cpdef int end_data(self) except -1:
         """The DATA frame's last byte arrived."""
         stream = self.data_stream
         self.data_stream = None
         if stream is not None and self.data_end_stream:
             self.on_end_stream(stream)
+        return 0
 
-    def credit_stream(self, StreamCore stream, Py_ssize_t amount):
-        self._credit(stream, amount)
-
-    cdef int _credit(self, StreamCore stream, Py_ssize_t amount) except -1:
+    cpdef int credit_stream(self, StreamCore stream, Py_ssize_t amount) except -1:
         """The relay consumed ``amount`` bytes of ``stream``: let the peer send more, on
         the stream and on the connection."""
         stream.credit += amount
         if stream.credit >= self.local_window // 4 and not stream.ended and not stream.closed:
-            self._put(_frame_u32(FrameType.WINDOW_UPDATE, stream.id, <uint32_t>stream.credit))
+            ConnCore.write(self, frame_u32(FrameType.WINDOW_UPDATE, stream.id,
+                                           <uint32_t>stream.credit))
             stream.recv_window += stream.credit
             stream.credit = 0
         self.conn_credit += amount
         if not self.in_read:  # (a read credits the connection once, as it ends)
             self._maybe_credit_conn()
+        return 0
 
     def release_stream(self, StreamCore stream):
         """``stream`` leaves the connection: what it held goes back to the connection's
@@ -899,9 +862,6 @@ cdef class ConnCore:
             stream.held = 0
             if not self.in_read:
                 self._maybe_credit_conn()
-
-    def _flush_conn_credit(self):
-        self._credit_conn()
 
     cdef int _maybe_credit_conn(self) except -1:
         """Credit the connection in batches of a quarter of its window; at once when the
@@ -917,14 +877,12 @@ cdef class ConnCore:
         cdef Py_ssize_t credit = self.conn_credit
         self.conn_credit = 0
         self.recv_window += credit
-        self._put(_frame_u32(FrameType.WINDOW_UPDATE, 0, <uint32_t>credit))
+        ConnCore.write(self, frame_u32(FrameType.WINDOW_UPDATE, 0, <uint32_t>credit))
+        return 0
 
-    def charge(self, str what):
-        """The peer sent one of ``what`` (PING, SETTINGS, an empty or unknown frame)."""
-        self._charge(what)
-
-    cdef int _charge(self, str what) except -1:
-        """Spend one from the control-frame budget; past it, a connection error."""
+    cpdef int charge(self, str what) except -1:
+        """The peer sent one of ``what`` (PING, SETTINGS, an empty or unknown frame): spend
+        one from the control-frame budget; past it, a connection error."""
         cdef double budget = self.budget + (self.last_read - self.budget_at) * self.control_rate
         if budget > self.control_burst:
             budget = self.control_burst
@@ -938,13 +896,10 @@ cdef class ConnCore:
             )
         return 0
 
-    def count_reply(self):
-        """A reply to the peer's frame is about to be written (see ``_count_reply``)."""
-        self._count_reply()
-
-    cdef int _count_reply(self) except -1:
-        """Replies written while the peer does not read (the transport paused writing) are
-        counted; past ``REPLY_BACKLOG``, a connection error."""
+    cpdef int count_reply(self) except -1:
+        """A reply to the peer's frame is about to be written: replies written while the
+        peer does not read (the transport paused writing) are counted; past
+        ``REPLY_BACKLOG``, a connection error."""
         if self.write_paused:
             self.replies_paused += 1
             if self.replies_paused > REPLY_BACKLOG:
@@ -954,29 +909,15 @@ cdef class ConnCore:
                 )
         return 0
 
-    def reply(self, data):
-        """Write a reply to the peer's frame (counted: ``_count_reply``)."""
-        self._reply(data)
-
-    cdef int _reply(self, data) except -1:
-        self._count_reply()
-        self._put(data)
-        return 0
-
-    def write(self, data):
-        self._put(data)
-
-    def writelines(self, chunks):
-        self._put_all(list(chunks))
-
-    def flush(self):
-        """Write what this connection holds now (before closing it, say)."""
-        self._flush()
-
-    cdef int _put(self, data) except -1:
+    cpdef int reply(self, data) except -1:
+        """Write a reply to the peer's frame (counted: ``count_reply``)."""
+        ConnCore.count_reply(self)
         return self._out(data, False)
 
-    cdef int _put_all(self, list chunks) except -1:
+    cpdef int write(self, data) except -1:
+        return self._out(data, False)
+
+    cpdef int writelines(self, list chunks) except -1:
         return self._out(chunks, True)
 
     cdef int _out(self, data, bint many) except -1:
@@ -1000,7 +941,8 @@ cdef class ConnCore:
             self.transport.write(data)
         return 0
 
-    cdef int _flush(self) except -1:
+    cpdef int flush(self) except -1:
+        """Write what this connection holds now (before closing it, say)."""
         cdef list pending = self._pending
         if pending is None:
             return 0

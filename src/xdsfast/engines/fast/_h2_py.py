@@ -8,7 +8,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from xdsfast._errors import H2ConnectionError
-from xdsfast.engines.fast.h2numbers import MAX_WINDOW, ErrorCode, Flag, FrameType
+from xdsfast.engines.fast.h2numbers import (
+    DEFAULT_FRAME,
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    ErrorCode,
+    Flag,
+    FrameType,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -228,6 +235,21 @@ class StreamCore:
     unread: int  # what its messages cost while it was not read (bytes)
     _waiter: asyncio.Future[None] | None
 
+    def __init__(self, conn: ConnCore, stream_id: int, max_recv: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.assembler = Assembler(max_recv)  # cuts gRPC messages out of DATA payloads
+        self.assembler.prealloc = PREALLOC_UNREAD  # a hostile prefix costs little
+        self.messages = deque()
+        self.held = self.credit = 0
+        self.recv_window = conn.local_window
+        self.send_window = conn.peer_initial_window
+        self.ended = self.closed = self.receiving = False
+        self.error = self.sink = self._waiter = None
+        self.sendable = False  # server: once headers are out; client: until half-closed
+        self.reading = False
+        self.unread = 0
+
     # Called by name; the engine's subclass defines them.
     def bad_message(self, error: int, length: int) -> None:
         raise NotImplementedError
@@ -245,14 +267,14 @@ class StreamCore:
             messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
         if messages:
             self.messages.extend(messages)
-            self._wake()
+            self._wake_receiver()
             if not self.reading and self._count_unread(messages):
                 return  # over the budget: reset
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:
             # A message is being reassembled and nothing waits to be taken: let it come.
-            self._release()
+            self._credit_held()
 
     def _count_unread(self, messages: list[bytes]) -> bool:
         """Messages queued before the relay reads this stream: within the budgets, or the
@@ -275,7 +297,7 @@ class StreamCore:
         self.assembler.prealloc = PREALLOC_MAX
         self._forget_unread()
         if not self.messages:
-            self._release()
+            self._credit_held()
 
     def _forget_unread(self) -> None:
         if self.unread:
@@ -311,15 +333,16 @@ class StreamCore:
             if not self._take(messages[0]):
                 return
             messages.popleft()
-        self._release()
+        self._credit_held()
 
-    def _release(self) -> None:
+    def _credit_held(self) -> None:
         """Credit everything held (called when the queue is empty)."""
         if self.held:
             self.conn.credit_stream(self, self.held)
             self.held = 0
 
-    def _wake(self) -> None:
+    def _wake_receiver(self) -> None:
+        """Wake what waits for this stream (recv(), finished()), if anything does."""
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -373,19 +396,24 @@ class ConnCore:
     recv_frame: int
     conn_window: int
 
-    def __init__(self) -> None:
+    def __init__(self, client: bool) -> None:
         self.transport = None
-        self.client = False
+        self.client = client
         self.buf = bytearray()  # the start of a frame cut by the end of a read
         self.data_left = 0  # payload bytes of the DATA frame being received still to come
         self.data_stream = None  # its stream (None: unknown or reset)
         self.data_feed = False  # its payload goes to the stream (else: dropped)
         self.data_end_stream = False  # it carries END_STREAM
-        self.preface_seen = self.settings_seen = self.closed = self.write_paused = False
+        self.preface_seen = client  # a server first reads the client's preface
+        self.settings_seen = self.closed = self.write_paused = False
         self.streams: dict[int, Any] = {}  # the engine's StreamCore subclass
+        # The protocol's initial values, each way, until SETTINGS and WINDOW_UPDATE say more.
+        self.local_window = self.peer_initial_window = DEFAULT_WINDOW
+        self.recv_frame = self.peer_max_frame = DEFAULT_FRAME
+        self.send_window = self.recv_window = self.conn_window = DEFAULT_WINDOW
         self.conn_credit = 0  # connection-level bytes consumed, to credit
         self.header_block = None
-        self.last_read = 0.0
+        self.last_read = time.monotonic()
         self._window_waiters: list[asyncio.Future[None]] = []
         self._rbuf: bytearray | None = None
         self.coalesce = False  # hold writes made in a read callback, write them joined after
@@ -497,7 +525,7 @@ class ConnCore:
                     stream.on_payload(data, pos, stop)
                 pos = stop
                 if not self.data_left:
-                    self._data_done()
+                    self.end_data()
                 continue
             if self.buf:
                 pos = self._fill_pending(data, pos, size)
@@ -517,7 +545,7 @@ class ConnCore:
                 if size - pos >= 9 and data[pos + 3] == _DATA and not data[pos + 4] & _PADDED:
                     length = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
                     sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                    self.data_start(data[pos + 4], sid, length)
+                    self.start_data(data[pos + 4], sid, length)
                     pos += 9
                 else:
                     self.buf += memoryview(data)[pos:]
@@ -541,9 +569,9 @@ class ConnCore:
             sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
             flags = buf[4]
             buf.clear()
-            self.data_start(flags, sid, length)
+            self.start_data(flags, sid, length)
             if not length:
-                self._data_done()
+                self.end_data()
             return pos
         take = min(9 + length - len(buf), size - pos)
         buf += memoryview(data)[pos : pos + take]
@@ -579,12 +607,12 @@ class ConnCore:
                 if flags & _END_STREAM:
                     self.on_end_stream(stream)
                 return
-            self.data_start(flags, sid, length)
+            self.start_data(flags, sid, length)
             self.data_left = 0
             stream = self.data_stream
             if stream is not None and self.data_feed and end > start:
                 stream.on_payload(data, start, end)
-            self._data_done()
+            self.end_data()
             return
         if ftype == _WINDOW_UPDATE and length == 4 and self.header_block is None:
             increment = int.from_bytes(data[start:end], "big") & 0x7FFFFFFF
@@ -601,7 +629,7 @@ class ConnCore:
         finally:
             view.release()
 
-    def data_start(self, flags: int, sid: int, length: int) -> None:
+    def start_data(self, flags: int, sid: int, length: int) -> None:
         """A DATA frame's header: flow control for all of it; its payload follows."""
         if self.header_block is not None:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "expected CONTINUATION")
@@ -640,7 +668,7 @@ class ConnCore:
         stream.held += length
         self.data_feed = True
 
-    def _data_done(self) -> None:
+    def end_data(self) -> None:
         """The DATA frame's last byte arrived."""
         stream = self.data_stream
         self.data_stream = None
@@ -680,9 +708,9 @@ class ConnCore:
                 or self.recv_window < self.conn_window // 4
             )
         ):
-            self._flush_conn_credit()
+            self._credit_conn()
 
-    def _flush_conn_credit(self) -> None:
+    def _credit_conn(self) -> None:
         credit, self.conn_credit = self.conn_credit, 0
         self.recv_window += credit
         self.write(frame_u32(_WINDOW_UPDATE, 0, credit))
@@ -719,7 +747,7 @@ class ConnCore:
     def write(self, data: bytes) -> None:
         self.writelines([data])
 
-    def writelines(self, chunks: Any) -> None:
+    def writelines(self, chunks: list[Any]) -> None:
         if self.transport is None or self.closed:
             return
         if not (self.coalesce and _Batch.depth):

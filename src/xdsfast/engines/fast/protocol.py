@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import hpack
@@ -113,29 +112,13 @@ class Stream(_h2.StreamCore):
     __slots__ = ("sent_headers", "status", "task")
 
     conn: Connection
+    error: StreamError | None  # recv() raises it once messages run out
 
     def __init__(self, conn: Connection, stream_id: int, max_recv: int) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.assembler = _h2.Assembler(max_recv)  # cuts gRPC messages out of DATA payloads
-        self.messages = deque()  # complete, not yet taken by recv()
-        self.held = 0  # received bytes not yet credited back to the peer
-        self.credit = 0  # bytes the relay has consumed, to credit in a batch
-        self.recv_window = conn.local_window
-        self.send_window = conn.peer_initial_window
-        self._waiter = None
-        self.ended = False  # the peer ended its side (END_STREAM)
-        self.closed = False  # we are done with it (trailers sent / reset / failed)
-        self.error: StreamError | None = None  # recv() raises it once messages run out
+        super().__init__(conn, stream_id, max_recv)  # the core's state (see _h2.pxd)
         self.status: Status | None = None  # the peer's trailers (client side)
         self.sent_headers = False
-        self.sendable = False  # try_send writes (server: headers sent; client: not half-closed)
         self.task: asyncio.Task[None] | None = None
-        self.sink = None  # takes messages while next_message() waits
-        self.receiving = False  # next_message() waits, with nothing queued
-        self.reading = False  # the relay has started taking messages (then: credit, prealloc)
-        self.unread = 0  # what messages queued before that cost (the core's budgets)
-        self.assembler.prealloc = _h2.PREALLOC_UNREAD  # a hostile prefix costs little
 
     def sink_failed(self, exc: Exception) -> None:
         _log.error("stream sink failed", exc_info=exc)
@@ -156,12 +139,12 @@ class Stream(_h2.StreamCore):
         self.ended = True
         if self.assembler.pending and self.error is None:
             self.error = StreamError(Status(Code.INTERNAL, "stream ended inside a message"))
-        self._wake()
+        self._wake_receiver()
 
     def fail(self, error: StreamError) -> None:
         if self.error is None:
             self.error = error
-        self._wake()
+        self._wake_receiver()
 
     def failure(self) -> StreamError:
         """``self.error`` to raise: a copy, since the one kept would keep the traceback of
@@ -179,7 +162,7 @@ class Stream(_h2.StreamCore):
         self.start_reading()
         while not self.ended and self.error is None and not self.closed:
             self.messages.clear()
-            self._release()
+            self._credit_held()
             waiter = self._waiter = self.conn.loop.create_future()
             await waiter
 
@@ -192,7 +175,7 @@ class Stream(_h2.StreamCore):
             if messages:
                 data = messages.popleft()
                 if not messages:
-                    self._release()
+                    self._credit_held()
                 return data
             if self.error is not None:
                 raise self.failure()
@@ -240,18 +223,13 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
     WINDOW_UPDATE, credit) is ``_h2.ConnCore``'s; every other frame comes to ``on_frame``."""
 
     def __init__(self, keepalive_interval: float, keepalive_timeout: float, client: bool) -> None:
-        super().__init__()
-        self.loop = asyncio.get_running_loop()
-        self.client = client
-        self.preface_seen = client  # a server first reads the client's preface
+        super().__init__(client)  # the core's state, the protocol's initial values
+        # What we advertise for receiving (sent in connection_made).
         self.recv_frame = RECV_FRAME
         self.conn_window = CONN_WINDOW
-        self.last_peer_stream = 0  # highest stream id the peer opened (server side)
         self.local_window = STREAM_WINDOW
-        self.peer_initial_window = DEFAULT_WINDOW
-        self.peer_max_frame = DEFAULT_FRAME
-        self.send_window = DEFAULT_WINDOW  # connection-level, towards the peer
-        self.recv_window = DEFAULT_WINDOW  # connection-level, from the peer
+        self.loop = asyncio.get_running_loop()
+        self.last_peer_stream = 0  # highest stream id the peer opened (server side)
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self.decoder.max_allowed_table_size = 4096
@@ -265,7 +243,6 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
         self.close_reason = ""
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
-        self.last_read = time.monotonic()  # the core's clock is CLOCK_MONOTONIC too
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -579,7 +556,7 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
             pad = view[start]
             if flow == 1 + pad and not flags & Flag.END_STREAM:  # nothing but padding
                 self.charge("empty DATA frames")
-        self.data_start(flags, sid, flow)
+        self.start_data(flags, sid, flow)
         self.data_left = 0
         stream = self.data_stream
         if stream is not None and self.data_feed:
@@ -587,7 +564,7 @@ class Connection(_h2.ConnCore, asyncio.BufferedProtocol):
                 start, end = start + 1, end - pad
             if end > start:
                 stream.on_payload(view, start, end)
-        self._data_done()
+        self.end_data()
 
     def on_end_stream(self, stream: Stream) -> None:
         stream.on_end()
