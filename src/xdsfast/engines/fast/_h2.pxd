@@ -69,7 +69,7 @@ cdef class StreamCore:
 
     cdef int _payload(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end) except -1
     cdef bint _count_unread(self, list messages) except -1
-    cdef int _forget_unread(self) except -1
+    cdef void _forget_unread(self) noexcept
     cdef list _offer(self, list messages)
     cdef bint _take(self, message) except -1
     cpdef int start_reading(self) except -1

@@ -15,5 +15,4 @@ from xdsfast.engines.fast._h2_py import StreamCore as StreamCore
 from xdsfast.engines.fast._h2_py import data_frames as data_frames
 from xdsfast.engines.fast._h2_py import frame_header as frame_header
 from xdsfast.engines.fast._h2_py import frame_u32 as frame_u32
-from xdsfast.engines.fast._h2_py import scan_frames as scan_frames
 from xdsfast.engines.fast._h2_py import unread_total as unread_total

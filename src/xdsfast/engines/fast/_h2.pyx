@@ -10,14 +10,14 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport (
     PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize,
 )
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcpy
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from xdsfast._clock cimport monotonic
 from xdsfast.engines.fast.h2numbers cimport (
     DEFAULT_FRAME, DEFAULT_WINDOW, MAX_WINDOW, ErrorCode, Flag, FrameType,
 )
@@ -29,14 +29,17 @@ from xdsfast._errors import H2ConnectionError
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject** string, Py_ssize_t newsize) except -1
 
+# Sizes the per-message path reads are C constants (no module-dict look-up); a cpdef enum's
+# names are module attributes too, plain ints, for the engine and the tests.
 cdef enum:
     DEF_SMALL = 4096  # messages up to this size go out as one chunk (header + payload)
-PREALLOC_MAX = 64 << 20  # a message's buffer is allocated whole at its prefix up to this size
-PREALLOC_UNREAD = 64 << 10  # the same for a stream the relay does not read yet
+cpdef enum:
+    PREALLOC_MAX = 64 << 20  # a message's buffer is allocated whole at its prefix up to this
+    PREALLOC_UNREAD = 64 << 10  # the same for a stream the relay does not read yet
 
 
 cdef inline void _put_header(uint8_t* out, Py_ssize_t length, int ftype, int flags,
-                             uint32_t stream_id):
+                             uint32_t stream_id) noexcept:
     out[0] = (length >> 16) & 0xFF
     out[1] = (length >> 8) & 0xFF
     out[2] = length & 0xFF
@@ -55,40 +58,7 @@ def frame_header(Py_ssize_t length, int ftype, int flags, uint32_t stream_id):
     return out
 
 
-def scan_frames(buf, Py_ssize_t pos, Py_ssize_t max_size):
-    """The complete frames in ``buf[pos:]``.
-
-    Returns ``(frames, pos, oversized)``: each frame is ``(type, flags, stream_id,
-    payload_start, payload_end)``; ``pos`` is where the first incomplete frame starts;
-    ``oversized`` is the length of a frame over ``max_size`` (scanning stops there), or -1.
-    """
-    cdef Py_buffer view
-    cdef const uint8_t* p
-    cdef Py_ssize_t end, length
-    cdef uint32_t sid
-    frames = []
-    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-    try:
-        p = <const uint8_t*>view.buf
-        end = view.len
-        if pos < 0:
-            pos = 0
-        while end - pos >= 9:
-            length = (<Py_ssize_t>p[pos] << 16) | (<Py_ssize_t>p[pos + 1] << 8) | p[pos + 2]
-            if length > max_size:
-                return frames, pos, length
-            if end - pos - 9 < length:
-                break
-            sid = ((<uint32_t>(p[pos + 5] & 0x7F)) << 24) | (<uint32_t>p[pos + 6] << 16) \
-                | (<uint32_t>p[pos + 7] << 8) | p[pos + 8]
-            frames.append((p[pos + 3], p[pos + 4], sid, pos + 9, pos + 9 + length))
-            pos += 9 + length
-    finally:
-        PyBuffer_Release(&view)
-    return frames, pos, -1
-
-
-def data_frames(bytes data, Py_ssize_t offset, Py_ssize_t count, uint32_t stream_id,
+def data_frames(bytes data not None, Py_ssize_t offset, Py_ssize_t count, uint32_t stream_id,
                 Py_ssize_t max_frame):
     """Chunks for ``transport.writelines``: DATA frames carrying ``count`` bytes of the
     gRPC message ``prefix(data) + data`` from ``offset`` on, at most ``max_frame`` each.
@@ -97,7 +67,7 @@ def data_frames(bytes data, Py_ssize_t offset, Py_ssize_t count, uint32_t stream
     or memoryview slices of it, so a large message is never copied.  Small ones
     go out as one chunk.
     """
-    cdef Py_ssize_t size = PyBytes_GET_SIZE_(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
     cdef Py_ssize_t total = size + 5
     cdef Py_ssize_t n, head, start, stop
     cdef uint8_t* out
@@ -138,11 +108,8 @@ def data_frames(bytes data, Py_ssize_t offset, Py_ssize_t count, uint32_t stream
     return chunks
 
 
-cdef inline Py_ssize_t PyBytes_GET_SIZE_(bytes data):
-    return len(data)
-
-
-cdef inline void _prefix(uint8_t* out, Py_ssize_t offset, Py_ssize_t head, Py_ssize_t size):
+cdef inline void _prefix(uint8_t* out, Py_ssize_t offset, Py_ssize_t head,
+                         Py_ssize_t size) noexcept:
     cdef uint8_t prefix[5]
     cdef Py_ssize_t i
     prefix[0] = 0
@@ -316,15 +283,19 @@ cdef class Assembler:
 # error, ENHANCE_YOUR_CALM.
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-READ_SIZE = 256 << 10  # the connection's read buffer (uvloop's own read size)
-MESSAGE_COST = 64  # what a queued message costs besides its bytes (object header, queue slot)
-# Messages held for streams the relay does not read yet, per connection: twice its window
-# (16 MiB, which bounds their bytes), so only the overhead of tiny messages reaches it...
-UNREAD_MAX = 32 << 20
-UNREAD_PROCESS_MAX = 128 << 20  # ...and all connections together
+cpdef enum:
+    READ_SIZE = 256 << 10  # the connection's read buffer (uvloop's own read size)
+    MESSAGE_COST = 64  # what a queued message costs besides its bytes (object, queue slot)
+    # Messages held for streams the relay does not read yet, per connection: twice its
+    # window (16 MiB, which bounds their bytes), so only the overhead of tiny messages
+    # reaches it...
+    UNREAD_MAX = 32 << 20
+    REPLY_BACKLOG = 1000  # replies to the peer's frames queued while it does not read
+# ...and all connections together (a Python int, read only for streams not read yet: a test
+# lowers it)
+UNREAD_PROCESS_MAX = 128 << 20
 CONTROL_BURST = 1000.0  # PING, SETTINGS, empty and unknown frames a peer may send at once...
-CONTROL_RATE = 100.0  # ...and per second after that
-REPLY_BACKLOG = 1000  # replies to the peer's frames queued while it does not read
+CONTROL_RATE = 100.0  # ...and per second after that (both per connection, at its start)
 
 cdef Py_ssize_t _unread_total = 0  # UNREAD_PROCESS_MAX's count
 
@@ -334,19 +305,12 @@ def unread_total():
     return _unread_total
 
 
-
-cdef inline double _monotonic():
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef inline uint32_t _u31(const uint8_t* p):
+cdef inline uint32_t _u31(const uint8_t* p) noexcept:
     return ((<uint32_t>(p[0] & 0x7F)) << 24) | (<uint32_t>p[1] << 16) \
         | (<uint32_t>p[2] << 8) | p[3]
 
 
-cdef inline Py_ssize_t _u24(const uint8_t* p):
+cdef inline Py_ssize_t _u24(const uint8_t* p) noexcept:
     return (<Py_ssize_t>p[0] << 16) | (<Py_ssize_t>p[1] << 8) | p[2]
 
 
@@ -454,13 +418,12 @@ cdef class StreamCore:
             StreamCore._credit_held(self)
         return 0
 
-    cdef int _forget_unread(self) except -1:
+    cdef void _forget_unread(self) noexcept:
         global _unread_total
         if self.unread:
             self.conn.unread -= self.unread
             _unread_total -= self.unread
             self.unread = 0
-        return 0
 
     cdef list _offer(self, list messages):
         """Hand messages to the sink in order; those it leaves (from the first) go to recv()."""
@@ -562,7 +525,7 @@ cdef class ConnCore:
         self.send_window = self.recv_window = self.conn_window = DEFAULT_WINDOW
         self.conn_credit = 0
         self.header_block = None
-        self.last_read = _monotonic()
+        self.last_read = monotonic()
         self._window_waiters = []
         self._rbuf = None
         self.coalesce = False
@@ -596,7 +559,7 @@ cdef class ConnCore:
         cdef list held
         if self.closed:
             return 0
-        self.last_read = _monotonic()
+        self.last_read = monotonic()
         _batch_depth += 1
         self.in_read = True
         try:

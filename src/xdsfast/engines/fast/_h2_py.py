@@ -30,7 +30,6 @@ PREALLOC_MAX = 64 << 20
 PREALLOC_UNREAD = 64 << 10
 
 Buffer = Union[bytes, bytearray, memoryview]
-Frame = tuple[int, int, int, int, int]
 
 
 def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
@@ -48,23 +47,6 @@ def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
             stream_id & 0xFF,
         )
     )
-
-
-def scan_frames(buf: Buffer, pos: int, max_size: int) -> tuple[list[Frame], int, int]:
-    """The complete frames in ``buf[pos:]`` (see ``_h2.pyx``)."""
-    frames: list[Frame] = []
-    end = len(buf)
-    pos = max(pos, 0)
-    while end - pos >= 9:
-        length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-        if length > max_size:
-            return frames, pos, length
-        if end - pos - 9 < length:
-            break
-        sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-        frames.append((buf[pos + 3], buf[pos + 4], sid, pos + 9, pos + 9 + length))
-        pos += 9 + length
-    return frames, pos, -1
 
 
 def frame_u32(ftype: int, stream_id: int, value: int) -> bytes:
