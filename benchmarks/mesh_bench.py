@@ -767,20 +767,6 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
     return "\n".join(lines)
 
 
-def xdsfast_core() -> str:
-    """What ``xdsfast version`` says about the core ``xdsfast run`` loads (its first line:
-    "xdsfast 0.1.0 (core: cython)"), under the environment the benchmark gives it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "xdsfast", "version"],
-        env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    first = out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
-    found = re.search(r"core: (\w+)", first)
-    if out.returncode != 0 or found is None:
-        raise BenchError(f"xdsfast version failed ({out.returncode}): {out.stderr.strip()}")
-    return found.group(1)
-
-
 def envoy_version() -> str:
     binary = find_envoy()
     if binary is None:
@@ -892,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if XDSFAST in settings.arrangements:  # what the row runs: its label says compiled
-            info["xdsfast_core"] = xdsfast_core()
+            info["xdsfast_core"] = relay_bench().xdsfast_core(clean_env())
         results = asyncio.run(run_bench(settings, peers_dir, args.keep_logs))
     except (BenchError, relay_bench().BenchError) as exc:
         print(f"mesh_bench: error: {exc}", file=sys.stderr)

@@ -644,8 +644,8 @@ def xdsfast_core(env: dict[str, str]) -> str:
     )  # fmt: skip
     if out.returncode != 0:
         raise BenchError(f"xdsfast version failed ({out.returncode}): {out.stderr.strip()}")
-    text = out.stdout.strip()
-    return text[text.find("core:") + 5 :].strip(" )") if "core:" in text else text
+    first = out.stdout.strip().partition("\n")[0]  # then one line a compiled module
+    return first[first.find("core:") + 5 :].strip(" )") if "core:" in first else first
 
 
 def protobuf_impl() -> str:
