@@ -1,5 +1,8 @@
 """The wire peeker, from the compiled core or its pure-Python twin.
 
+``peek_*`` read a whole message; :class:`ResponseScanner` reads a response as it arrives,
+chunk by chunk, in bounded memory, and ends with the same result or error.
+
 Chosen by the one switch, :mod:`xdsfast._ext` (``XDSFAST_NO_EXTENSIONS``, or the
 compiled ``xdsfast._core`` missing); ``IMPLEMENTATION`` says which one is active.
 """
@@ -13,10 +16,12 @@ from xdsfast._errors import WireError
 
 __all__ = [
     "IMPLEMENTATION",
+    "STRING_LIMIT",
     "DeltaRequestPeek",
     "DeltaResponsePeek",
     "RequestPeek",
     "ResponsePeek",
+    "ResponseScanner",
     "WireError",
     "length_delimited",
     "peek_delta_request",
@@ -28,10 +33,12 @@ __all__ = [
 
 if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast._core_py import (
+        STRING_LIMIT,
         DeltaRequestPeek,
         DeltaResponsePeek,
         RequestPeek,
         ResponsePeek,
+        ResponseScanner,
         peek_delta_request,
         peek_delta_response,
         peek_request,
@@ -50,6 +57,8 @@ else:
     peek_response = _impl.peek_response
     peek_delta_request = _impl.peek_delta_request
     peek_delta_response = _impl.peek_delta_response
+    ResponseScanner = _impl.ResponseScanner
+    STRING_LIMIT = _impl.STRING_LIMIT
 
 
 def varint(value: int) -> bytes:
