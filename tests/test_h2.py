@@ -18,19 +18,18 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twins import Cores, both
 
 from xdsfast.engines import SERVICE, Code, Downstream, Mode, Status, StreamError
 from xdsfast.engines import fast as engine
 from xdsfast.engines.fast import _h2_py, h2numbers
 from xdsfast.engines.fast.h2numbers import ErrorCode, Flag, FrameType, SettingCode
 
-IMPLS: list[ModuleType] = [_h2_py]
-with contextlib.suppress(ImportError):
-    from xdsfast.engines.fast import _h2
 
-    IMPLS.append(_h2)
-
-impl_params = pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.fixture
+def h2(twins: Cores) -> ModuleType:
+    """The HTTP/2 core of each kind (the ``twins`` fixture: tests/twins.py)."""
+    return twins.h2
 
 
 # -- the helpers, both implementations --------------------------------------------------------
@@ -40,7 +39,6 @@ def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     return _h2_py.frame_header(len(payload), ftype, flags, sid) + payload
 
 
-@impl_params
 def test_frame_header_layout(h2: ModuleType) -> None:
     assert h2.frame_header(0x123456, 9, 0x25, 0x7FFFFFFF) == bytes.fromhex("12345609257fffffff")
     assert h2.frame_header(1, 0, 0, 0x80000001) == bytes.fromhex("000001000000000001")  # R bit
@@ -51,7 +49,6 @@ def grpc_frame(body: bytes, flag: int = 0) -> bytes:
     return bytes((flag,)) + struct.pack(">I", len(body)) + body
 
 
-@impl_params
 def test_assembler_cuts_messages_and_stops_at_bad_prefixes(h2: ModuleType) -> None:
     a = h2.Assembler(100)
     wire = grpc_frame(b"abc") + grpc_frame(b"") + grpc_frame(b"ab")
@@ -67,13 +64,14 @@ def test_assembler_cuts_messages_and_stops_at_bad_prefixes(h2: ModuleType) -> No
     assert big.feed(grpc_frame(b""), 0, 5) is None  # fed no more after an error
 
 
-@impl_params
 @given(
     bodies=st.lists(st.binary(max_size=3000), max_size=6),
     cuts=st.lists(st.integers(1, 4000), max_size=12),
     kind=st.sampled_from([bytes, bytearray, memoryview]),
 )
-@settings(max_examples=200, deadline=None)
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_assembler_gets_the_same_messages_however_the_payload_is_cut(
     h2: ModuleType, bodies: list[bytes], cuts: list[int], kind: type
 ) -> None:
@@ -103,14 +101,15 @@ def reassemble(chunks: list[bytes | memoryview], max_frame: int, sid: int) -> by
     return payload
 
 
-@impl_params
 @given(
     data=st.binary(max_size=20_000),
     max_frame=st.integers(1, 9000),
     cut=st.integers(0, 30_000),
     sid=st.integers(1, 2**31 - 1),
 )
-@settings(max_examples=200, deadline=None)
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_data_frames_carry_the_message_in_pieces(
     h2: ModuleType, data: bytes, max_frame: int, cut: int, sid: int
 ) -> None:
@@ -165,14 +164,13 @@ def test_the_compiled_cores_numbers_are_the_registrys() -> None:
 @given(data=st.binary(max_size=3000), pos=st.integers(0, 40), max_size=st.integers(0, 70_000))
 @settings(max_examples=300, deadline=None)
 def test_twins_agree_on_any_bytes(data: bytes, pos: int, max_size: int) -> None:
-    for h2 in IMPLS[1:]:
-        ours, twin = h2.Assembler(max_size), _h2_py.Assembler(max_size)
-        assert ours.feed(data, pos, len(data)) == twin.feed(data, pos, len(data))
-        assert (ours.pending, ours.error, ours.error_length) == (
-            twin.pending,
-            twin.error,
-            twin.error_length,
-        )
+    twin, ours = (cores.h2.Assembler(max_size) for cores in both())
+    assert ours.feed(data, pos, len(data)) == twin.feed(data, pos, len(data))
+    assert (ours.pending, ours.error, ours.error_length) == (
+        twin.pending,
+        twin.error,
+        twin.error_length,
+    )
 
 
 # -- the server under raw frames ---------------------------------------------------------------

@@ -5,7 +5,6 @@ whichever one is active; this pins the two to each other on the frames that matt
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
 import struct
@@ -16,16 +15,18 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twins import KINDS, Cores
 
 from xdsfast._errors import H2ConnectionError
 from xdsfast.engines.fast import _h2_py, protocol
 from xdsfast.engines.fast.h2numbers import Flag, FrameType
 
-IMPLS: list[ModuleType] = [_h2_py]
-with contextlib.suppress(ImportError):
-    from xdsfast.engines.fast import _h2
 
-    IMPLS.append(_h2)
+@pytest.fixture
+def h2(twins: Cores) -> ModuleType:
+    """The HTTP/2 core of each kind (the ``twins`` fixture: tests/twins.py)."""
+    return twins.h2
+
 
 LOCAL_WINDOW = 4096  # small, so credit goes out as WINDOW_UPDATE within an example
 RECV_FRAME = 2048
@@ -207,7 +208,8 @@ def read_into(conn: Any, chunk: bytes) -> None:
 def test_twins_agree_on_any_read_sequence(data: bytes, cuts: list[int]) -> None:
     """Each core, fed by data_received and by get_buffer/buffer_updated, ends the same."""
     results = []
-    for h2 in IMPLS:
+    for kind in KINDS:  # the twin, and where built the compiled core
+        h2 = Cores(kind).h2
         for read in (lambda conn, chunk: conn.data_received(chunk), read_into):
             conn, log = build(h2)
             pos, i = 0, 0
@@ -219,7 +221,6 @@ def test_twins_agree_on_any_read_sequence(data: bytes, cuts: list[int]) -> None:
     assert all(result == results[0] for result in results[1:])
 
 
-@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_messages_go_to_the_sink_and_the_rest_are_queued_in_order(h2: ModuleType) -> None:
     conn, log = build(h2)
     wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -237,7 +238,6 @@ def test_messages_go_to_the_sink_and_the_rest_are_queued_in_order(h2: ModuleType
     assert (stream.held, stream.credit, conn.conn_credit) == (0, len(payload), len(payload))
 
 
-@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_offer_queued_hands_the_sink_what_queued_until_it_declines(h2: ModuleType) -> None:
     conn, log = build(h2)
     stream = conn.streams[1]
@@ -260,7 +260,6 @@ def test_offer_queued_hands_the_sink_what_queued_until_it_declines(h2: ModuleTyp
     assert log[-1] == ("sink_failed", 1, "a bug in the sink")
 
 
-@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 @pytest.mark.parametrize("coalesce", [False, True])
 def test_a_coalescing_connection_writes_what_one_read_made_at_once(
     h2: ModuleType, coalesce: bool
@@ -280,7 +279,6 @@ def test_a_coalescing_connection_writes_what_one_read_made_at_once(
     assert conn.transport.out[-1] == b"after"
 
 
-@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_try_send_writes_only_to_a_sendable_stream_that_has_not_failed(h2: ModuleType) -> None:
     conn, _ = build(h2)
     stream = conn.streams[3]
@@ -295,7 +293,6 @@ def test_try_send_writes_only_to_a_sendable_stream_that_has_not_failed(h2: Modul
     assert stream.send_window == 1000 - 6  # what try_write takes from the windows
 
 
-@pytest.mark.parametrize("h2", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_an_oversized_frame_aborts_with_frame_size_error(h2: ModuleType) -> None:
     conn, log = build(h2)
     conn.data_received(
