@@ -530,21 +530,6 @@ class IstioEnvoy(EnvoyProcess):
         static["clusters"].append(sds)
         self.bootstrap_path.write_text(json.dumps(config, indent=2))
 
-    async def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._admin_path.unlink(missing_ok=True)
-        self.write_bootstrap()
-        command = self.command()
-        with open(self.log_path, "ab") as log_file:
-            self._proc = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                preexec_fn=None if command[0].endswith("setpriv") else _die_with_parent,
-            )
-        await self._wait_admin_port(10.0)
-
     async def rejected(self) -> dict[str, int]:
         """Envoy's ``*.update_rejected`` counters (NACKs) that are not zero."""
         return {

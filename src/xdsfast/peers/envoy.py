@@ -222,14 +222,21 @@ class EnvoyProcess:
         setpriv = shutil.which("setpriv")
         return [setpriv, "--pdeathsig", "SIGKILL", "--", *args] if setpriv else args
 
-    async def start(self) -> None:
-        """Write the bootstrap, start Envoy and wait until its admin port is known."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._admin_path.unlink(missing_ok=True)
+    #: How long Envoy may take to write its admin address (a big bootstrap takes longer).
+    admin_timeout = 10.0
+
+    def write_bootstrap(self) -> None:
+        """The bootstrap Envoy starts from (subclasses write Istio's or a benchmark's)."""
         config = bootstrap(
             self.xds_address, delta=self.delta, node_id=self.node_id, cluster=self.cluster
         )
         self.bootstrap_path.write_text(json.dumps(config, indent=2))
+
+    async def start(self) -> None:
+        """Write the bootstrap, start Envoy and wait until its admin port is known."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._admin_path.unlink(missing_ok=True)
+        self.write_bootstrap()
         command = self.command()
         with open(self.log_path, "ab") as log_file:
             self._proc = await asyncio.create_subprocess_exec(
@@ -239,7 +246,7 @@ class EnvoyProcess:
                 stderr=log_file,
                 preexec_fn=None if command[0].endswith("setpriv") else _die_with_parent,
             )
-        await self._wait_admin_port(10.0)
+        await self._wait_admin_port(self.admin_timeout)
 
     async def _wait_admin_port(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
