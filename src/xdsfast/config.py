@@ -2,6 +2,8 @@
 
 Flags win over the environment; environment names and defaults are Istio's.
 Anything invalid raises :class:`ConfigError`, which the CLI reports in one line.
+Every default is named here once (``DEFAULT_*``); importing this module is cheap (no
+asyncio), so the inspect commands' help and address defaults can read them.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from xdsfast import heap
 from xdsfast.files import FileProblem, check_regular
-from xdsfast.health import Probe, ProbeError, probe_from_config
+
+if TYPE_CHECKING:  # health and heap load asyncio: only building a Config needs them
+    from xdsfast.health import Probe
 
 DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
 DEFAULT_CONFIG_PATH = "./etc/istio/proxy"
@@ -237,6 +240,8 @@ def _readiness_probe(proxy_config: Mapping[str, Any], env: Mapping[str, str]) ->
     host = (env.get("INSTANCE_IP") or "").split(",")[0] or "localhost"
     if _bool(env, "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"):
         host = "localhost"
+    from xdsfast.health import ProbeError, probe_from_config
+
     try:
         return probe_from_config(spec, host)
     except (ProbeError, KeyError, TypeError, AttributeError) as exc:
@@ -391,6 +396,8 @@ def _heap_release_interval(env: Mapping[str, str]) -> float:
     interval = _duration(
         env, "XDSFAST_HEAP_RELEASE_INTERVAL", DEFAULT_HEAP_RELEASE_INTERVAL, zero_allowed=True
     )
+    from xdsfast import heap
+
     return 0.0 if heap.operator_tuned(env) else interval
 
 
