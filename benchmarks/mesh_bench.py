@@ -777,11 +777,7 @@ def report(
     took = f"; run time {elapsed:.0f}s" if elapsed is not None else ""
     print()
     print(f"command: {command}")
-    print(
-        f"machine: {info['nproc']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
-        f"Linux {info['kernel']}, load avg (1 min) at start {info['loadavg'][0]:.2f}"
-        + (f", at end {info['loadavg_end'][0]:.2f}" if "loadavg_end" in info else "")
-    )
+    print(relay_bench().machine_line(info))
     print(
         f"python {info['python']}, xdsfast core {info.get('xdsfast_core', '-')}, "
         f"Envoy {info.get('envoy', '?')}; istiod-fake ready in "

@@ -1213,6 +1213,15 @@ def main(argv: list[str] | None = None) -> int:
     return write_chart(args.png, summary, settings, info)
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """The machine a run's figures came from, and how loaded it was (shared: it matters)."""
+    end = f", at end {info['loadavg_end'][0]:.2f}" if "loadavg_end" in info else ""
+    return (
+        f"machine: {info['nproc']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
+        f"Linux {info['kernel']}, load avg (1 min) at start {info['loadavg'][0]:.2f}{end}"
+    )
+
+
 def report(
     summary: dict[str, dict[str, Any]],
     settings: Settings,
@@ -1223,10 +1232,7 @@ def report(
     took = f"; run time {elapsed:.0f}s" if elapsed is not None else ""
     print()
     print(f"command: {command}")
-    print(
-        f"machine: {info['nproc']} CPUs ({info['cpus_usable']} usable), {info['cpu_model']}, "
-        f"Linux {info['kernel']}, load avg at start {info['loadavg'][0]:.2f}"
-    )
+    print(machine_line(info))
     print(
         f"python {info['python']}, grpcio {info['grpcio']}, protobuf {info['protobuf']}, "
         f"uvloop {info['uvloop']}; rounds: {settings.rounds} (medians){took}"
