@@ -29,7 +29,6 @@ from typing import Protocol
 
 from xdsfast.dns.names import CANCEL_EVERY, Cancelled, build_lookup
 from xdsfast.dns.wire import NameEncoder, parent_wildcards
-from xdsfast.nds_pb2 import NameTable
 
 ROTATIONS = 8
 MAX_SECTION = 65535 - 12 - 259  # what fits in a message after the header and question
@@ -189,6 +188,8 @@ def build(wire: bytes, rules: Rules, cancel: bytearray | None = None) -> Compile
     Raises ValueError if ``wire`` is not a NameTable.  ``cancel``: a one-byte
     ``bytearray`` another thread may set; the build looks at it every
     ``CANCEL_EVERY`` hosts (and names) and, once set, stops and returns None."""
+    from xdsfast.nds_pb2 import NameTable  # protobuf loads with the first table
+
     try:
         table = NameTable.FromString(wire)
     except Exception as exc:  # DecodeError

@@ -26,9 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
-from xdsfast import intercept, log, route, wire, xds_pb2
+from xdsfast import intercept, log, route, wire
 from xdsfast.engines import (
     OK,
     Code,
@@ -124,6 +122,10 @@ class _TypeState(route.TypeState):
 
     def nack(self, mode: Mode, data: bytes) -> None:
         """Record a NACK with its error_detail (decoding the request: NACKs are rare)."""
+        from google.protobuf.message import DecodeError
+
+        from xdsfast import xds_pb2
+
         self.ack = "NACK"
         message: Any = (
             xds_pb2.DiscoveryRequest if mode is Mode.SOTW else xds_pb2.DeltaDiscoveryRequest
@@ -539,6 +541,8 @@ class Session(route.RouteCore):
             acked = "" if state.acked is None else getattr(state.acked, "version_info", "")
             names: Sequence[str] = ()
             if self.mode is Mode.SOTW and state.acked_data is not None:
+                from xdsfast import xds_pb2  # a rejection is rare: protobuf loads then
+
                 names = xds_pb2.DiscoveryRequest.FromString(state.acked_data).resource_names
             nack = intercept.acknowledge(
                 self.mode, rewriter.type_url, acked, response.nonce, str(exc), names

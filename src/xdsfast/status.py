@@ -72,12 +72,14 @@ import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from xdsfast import log
 from xdsfast.config import split_host_port
 from xdsfast.dns.wiretable import WireNameTable
-from xdsfast.nds_pb2 import NameTable
+
+if TYPE_CHECKING:  # protobuf loads with the first table, not at start
+    from xdsfast.nds_pb2 import NameTable
 
 __all__ = [
     "PROMETHEUS_CONTENT_TYPE",

@@ -32,11 +32,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from xdsfast.nds_pb2 import NameTable
+if TYPE_CHECKING:  # protobuf loads with the first table, not at start
+    from xdsfast.nds_pb2 import NameTable
 
-NameInfo = NameTable.NameInfo
+    NameInfo = NameTable.NameInfo
 
 KUBERNETES = "Kubernetes"
 CANCEL_EVERY = 1024  # hosts between two looks at a build's cancel flag

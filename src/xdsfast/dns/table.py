@@ -31,7 +31,9 @@ from xdsfast import _ext, log
 from xdsfast.dns.names import Cancelled, NameRules
 from xdsfast.dns.wire import CLASS_IN, TYPE_A, TYPE_AAAA
 from xdsfast.dns.wiretable import WireNameTable
-from xdsfast.nds_pb2 import NameTable
+
+if TYPE_CHECKING:  # protobuf loads with the first table, not at start
+    from xdsfast.nds_pb2 import NameTable
 
 if TYPE_CHECKING:  # both have the same API; the twin is the reference
     from xdsfast import _dnstable_py as _impl
@@ -65,6 +67,8 @@ def build(
     compiled = _impl.build(data, rules, cancel)
     if compiled is None and not (cancel and cancel[0]):
         # fields a newer istiod may add are kept by protobuf: drop them
+        from xdsfast.nds_pb2 import NameTable
+
         canonical = NameTable.FromString(data)
         canonical.DiscardUnknownFields()
         compiled = _impl.build(canonical.SerializeToString(), rules, cancel)

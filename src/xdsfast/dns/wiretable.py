@@ -11,10 +11,12 @@ by protobuf as a one-entry NameTable, with the same values as a whole decode
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from xdsfast.nds_pb2 import NameTable
+if TYPE_CHECKING:  # protobuf loads with the first table, not at start
+    from xdsfast.nds_pb2 import NameTable
 
-NameInfo = NameTable.NameInfo
+    NameInfo = NameTable.NameInfo
 
 _TABLE_FIELD = 1  # NameTable.table, map<string, NameInfo>: repeated length-delimited entries
 
@@ -80,6 +82,8 @@ class WireNameTable:
 
     def entry(self, start: int, end: int) -> tuple[str, NameInfo]:
         """The host and NameInfo of one record from :meth:`records`."""
+        from xdsfast.nds_pb2 import NameTable
+
         one = NameTable.FromString(self.wire[start:end]).table
         host = next(iter(one))
         return host, one[host]
