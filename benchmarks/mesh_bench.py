@@ -744,9 +744,7 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             f"{'/change':>9}{'peak RSS':>10}"
         )
 
-        def times(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}x"
-
+        times = relay_bench().times
         for name, vs in rows:
             lines.append(
                 f"{name:<{w}}{ISTIO_AGENT:<13}{times(vs['startup']):>8}{times(vs['change']):>8}"

@@ -931,9 +931,6 @@ def versus_agent(lines: list[str], summary: dict[str, dict[str, Any]], w: int) -
         f"{'peak RSS':>10}{'idle RSS':>10}"
     )
 
-    def times(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2f}x"
-
     for name, vs in rows:
         first = True
         for workload in WORKLOADS:
@@ -1211,6 +1208,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return write_chart(args.png, summary, settings, info)
+
+
+def times(value: float | None) -> str:
+    """A ratio as the tables print it ("n/a" where a side has no figure)."""
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def machine_line(info: dict[str, Any]) -> str:
