@@ -18,141 +18,25 @@ import gc
 import logging
 import re
 import resource
-import struct
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import hpack
 import pytest
 import pytest_asyncio
 from conftest import AgentFactory, XdsfastFactory, asyncio_timeout
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+from hostile_envoy import CDS_REQUEST, LDS_REQUEST, WINDOW, HostileEnvoy
 
 from xdsfast import heap, log
 from xdsfast.agent import Agent
 from xdsfast.peers.adsclient import AdsClient
 from xdsfast.peers.controlplane import ControlPlane
 from xdsfast.relay import Session
-from xdsfast.typeurls import CLUSTER, LISTENER
+from xdsfast.typeurls import CLUSTER, LISTENER, RESOURCE_WRAPPER
 
 MiB = 1 << 20
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE = 0, 1, 3, 4, 6, 8
-END_STREAM = ACK = 1
-END_HEADERS = 4
-CANCEL = 8
-WINDOW = 65_535  # the client's stream window: all a relay may write of a push it refuses
-SOTW_PATH = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-CDS_REQUEST = discovery_pb2.DiscoveryRequest(type_url=CLUSTER).SerializeToString()
-LDS_REQUEST = discovery_pb2.DiscoveryRequest(type_url=LISTENER).SerializeToString()
-
-
-def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes((ftype, flags)) + sid.to_bytes(4, "big") + payload
-    )
-
-
-class HostileEnvoy:
-    """An Envoy-side HTTP/2 client: ADS streams on one connection, each read (its window
-    credited) or refused (never credited), and ended by RST_STREAM, a dropped socket or a
-    half-close.  The connection window is always credited, so one refused stream does not
-    stall the others."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.encoder = hpack.Encoder()
-        self.decoder = hpack.Decoder()
-        self.data: dict[int, bytearray] = {}  # DATA payload received per stream
-        self.ended: dict[int, dict[str, str]] = {}  # trailers (or {"rst": code}) per stream
-        self.refused: set[int] = set()  # streams whose window is not credited
-        self.changed = asyncio.Event()
-        self.next_id = 1
-        self._reader = asyncio.ensure_future(self._read())
-
-    @classmethod
-    async def open(cls, path: str | Path) -> HostileEnvoy:
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HI", 4, WINDOW)))
-        return cls(reader, writer)
-
-    def send(self, data: bytes) -> None:
-        with contextlib.suppress(ConnectionError):
-            self.writer.write(data)
-
-    def stream(self, request: bytes = CDS_REQUEST) -> int:
-        """A new SotW stream carrying ``request``; its id."""
-        sid, self.next_id = self.next_id, self.next_id + 2
-        block = self.encoder.encode(
-            [(":method", "POST"), (":scheme", "http"), (":path", SOTW_PATH),
-             (":authority", "xds"), ("content-type", "application/grpc"), ("te", "trailers")]
-        )  # fmt: skip
-        self.data[sid] = bytearray()
-        message = b"\0" + struct.pack(">I", len(request)) + request
-        self.send(frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, 0, sid, message))
-        return sid
-
-    def messages(self, sid: int) -> list[bytes]:
-        """The complete gRPC messages received on ``sid``."""
-        data, pos, out = self.data[sid], 0, []
-        while pos + 5 <= len(data):
-            end = pos + 5 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if end > len(data):
-                break
-            out.append(bytes(data[pos + 5 : end]))
-            pos = end
-        return out
-
-    def rst(self, sid: int) -> None:
-        self.send(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
-
-    def half_close(self, sid: int) -> None:
-        self.send(frame(DATA, END_STREAM, sid))
-
-    def drop(self) -> None:
-        self.writer.transport.abort()
-
-    async def wait(self, condition: Callable[[], bool], timeout: float = 15.0) -> None:
-        async with asyncio_timeout(timeout):
-            while not condition():
-                self.changed.clear()
-                await self.changed.wait()
-
-    async def _read(self) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await self.reader.readexactly(9)
-                length, ftype, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
-                sid = int.from_bytes(head[5:], "big") & 0x7FFFFFFF
-                payload = await self.reader.readexactly(length)
-                if ftype == SETTINGS and not flags & ACK:
-                    self.send(frame(SETTINGS, ACK, 0))
-                elif ftype == PING and not flags & ACK:
-                    self.send(frame(PING, ACK, 0, payload))
-                elif ftype == DATA and length:
-                    credit = struct.pack(">I", length)
-                    self.send(frame(WINDOW_UPDATE, 0, 0, credit))
-                    if sid in self.data:
-                        self.data[sid] += payload
-                        if sid not in self.refused:
-                            self.send(frame(WINDOW_UPDATE, 0, sid, credit))
-                elif ftype == HEADERS:
-                    fields = {str(k): str(v) for k, v in self.decoder.decode(payload)}
-                    if flags & END_STREAM:
-                        self.ended[sid] = fields
-                elif ftype == RST_STREAM:
-                    self.ended.setdefault(sid, {"rst": str(int.from_bytes(payload, "big"))})
-                self.changed.set()
-        self.changed.set()
-
-    async def close(self) -> None:
-        self.writer.close()
-        self._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reader
 
 
 @contextlib.contextmanager
@@ -201,12 +85,16 @@ async def established(
     return sid, weakref.ref(agent.relay.active)
 
 
-async def refused_push(cp: ControlPlane, envoy: HostileEnvoy, sid: int, size: int) -> None:
-    """istiod pushes ``size`` bytes the client refuses to read: the relay holds the message
-    and waits, with a stream window's worth written."""
+async def refused_push(
+    cp: ControlPlane, envoy: HostileEnvoy, sid: int, size: int, resource_type: str = CLUSTER
+) -> None:
+    """istiod pushes ``size`` bytes the client refuses to read: a stream window's worth is
+    written, and the relay waits.  Of a Cluster (fast engine: cut-through) the relay holds
+    no more than the windows; in a resource wrapper (its type is not what it wraps: judged
+    no) it holds the message whole."""
     envoy.refused.add(sid)
     before = len(envoy.data[sid])
-    cp.push_raw(CLUSTER, [any_pb2.Any(type_url=CLUSTER, value=b"c" * size)])
+    cp.push_raw(CLUSTER, [any_pb2.Any(type_url=resource_type, value=b"c" * size)])
     await envoy.wait(lambda: len(envoy.data[sid]) >= before + WINDOW)
 
 
@@ -298,8 +186,9 @@ async def rss_reaches(pid: int, ok: Callable[[int], bool], timeout: float) -> in
 async def test_refused_big_pushes_give_their_memory_back(
     xdsfast_run: XdsfastFactory, control_plane: ControlPlane
 ) -> None:
-    """Envoy resets three 100 MiB pushes it will not read: each time the relay's RSS is back
-    near idle within the heap-release interval (the issue: 130/230/331 MB left resident)."""
+    """Envoy resets three 100 MiB pushes it will not read, held whole: each time the relay's
+    RSS is back near idle within the heap-release interval (the issue: 130/230/331 MB left
+    resident)."""
     cp = control_plane
     cp.set_resources(CLUSTER, {})
     proc = await xdsfast_run(
@@ -322,7 +211,7 @@ async def test_refused_big_pushes_give_their_memory_back(
             sid = envoy.stream()
             await envoy.wait(lambda: len(envoy.messages(sid)) == 1)  # noqa: B023
             await cp.wait_for(lambda: cp.active_streams == 1)
-            await refused_push(cp, envoy, sid, PUSH)
+            await refused_push(cp, envoy, sid, PUSH, RESOURCE_WRAPPER)
             held = await rss_reaches(pid, lambda v: v >= idle + PUSH * 3 // 4, 15)
             assert held is None, f"the relay never held the push (RSS {held // MiB} MiB)"
             envoy.rst(sid)
@@ -331,6 +220,34 @@ async def test_refused_big_pushes_give_their_memory_back(
                 f"push {push}: RSS idle {idle // MiB} MiB, {left // MiB} MiB after the reset"
             )
             await cp.wait_for(lambda: cp.active_streams == 0)
+    finally:
+        await envoy.close()
+
+
+@pytest.mark.parametrize("engine", ["fast"])
+async def test_a_refused_big_push_relayed_as_it_arrives_is_never_held(
+    xdsfast_run: XdsfastFactory, control_plane: ControlPlane
+) -> None:
+    """A 100 MiB Cluster push Envoy will not read: Envoy has had its window's worth, so the
+    relay was writing the push before its end came (cut-through), and the relay's peak RSS
+    stays within 16 MiB of idle (the windows), the issue's target; then Envoy resets."""
+    cp = control_plane
+    cp.set_resources(CLUSTER, {})
+    proc = await xdsfast_run("--discovery-address", cp.address)
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    envoy = await HostileEnvoy.open(proc.socket_path)
+    try:
+        sid = envoy.stream()
+        await envoy.wait(lambda: len(envoy.messages(sid)) == 1)
+        idle = rss(pid)
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        await refused_push(cp, envoy, sid, PUSH)
+        envoy.rst(sid)
+        await cp.wait_for(lambda: cp.active_streams == 0)
+        status = Path(f"/proc/{pid}/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) * 1024  # type: ignore[index]
+        assert peak <= idle + 16 * MiB, f"idle {idle // MiB} MiB, peak {peak // MiB} MiB"
     finally:
         await envoy.close()
 

@@ -303,6 +303,11 @@ class Metrics:
             "Messages that are not well-formed discovery messages, by direction.",
             label="direction",
         )
+        self.streamed_responses = Count(
+            "xdsfast_xds_streamed_responses_total",
+            "Responses written to Envoy as they arrived from istiod (cut-through), not held "
+            "whole first.",
+        )
         self.consumed_responses = Count(
             "xdsfast_xds_consumed_responses_total",
             "Responses the agent consumed itself (NameTable), by result: applied or rejected.",
@@ -327,6 +332,7 @@ class Metrics:
             self.pilot_xds_recv_max,
             self.dropped_responses,
             self.bad_messages,
+            self.streamed_responses,
             self.consumed_responses,
             self.xds_bytes,
             self.push_latency,

@@ -13,6 +13,11 @@ read callback that completed it, and writes it on at once when nothing is queued
 before it and nothing would wait; anything else (the first request when its node
 gets xdsfast's DNS metadata, the first LDS request, consumed or rewritten types, a full
 window) takes the pumps' path above, in order.
+
+Where the engine offers it too, a big response is not held whole: its first resource's
+type, read as it arrives (``_Head``), says whether it goes to Envoy unchanged, and if so
+it is written on as its bytes come, istiod's window credited only as Envoy's side takes
+them (cut-through): memory is the windows, not the push.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from xdsfast import intercept, log, route, wire
 from xdsfast.engines import (
@@ -34,13 +39,15 @@ from xdsfast.engines import (
     DialError,
     Downstream,
     Mode,
+    SourceError,
     Status,
     StreamError,
+    Through,
     Upstream,
 )
 from xdsfast.intercept import Interceptor, Rewriter
 from xdsfast.metrics import Metrics
-from xdsfast.typeurls import LISTENER
+from xdsfast.typeurls import LISTENER, RESOURCE_WRAPPER
 
 _log = log.scope("xdsproxy")
 
@@ -60,6 +67,10 @@ _EXPECTED_UNAVAILABLE = (
 
 # How long a half-closing Envoy's queued requests may take to reach istiod.
 _FLUSH_TIMEOUT = 2.0
+
+# A big response whose first resource's type is not known within this many bytes is held
+# whole, as are those without resources or of a type the agent consumes or rewrites.
+HEAD_MAX = 64 << 10
 
 # Lines a peer can make the relay repeat (one per stream or per dial) are written at most
 # once per this many seconds, with a count (``log.Throttle``).
@@ -113,6 +124,35 @@ class _Flavour:
 
 
 _FLAVOURS = {mode: _Flavour(mode) for mode in Mode}
+
+
+class _Head:
+    """Judges one big response as it arrives (``engines.Head``): it may go to Envoy as it
+    comes when its first resource is of a type forwarded unchanged; the scanner then reads
+    the rest for what the whole-message peek would say, and a malformed byte stops it."""
+
+    __slots__ = ("forwarded", "scanner", "type_url")
+
+    def __init__(self, scanner: wire.ResponseScanner, forwarded: Callable[[str], bool]) -> None:
+        self.scanner = scanner
+        self.forwarded = forwarded
+        self.type_url = ""  # the first resource's type, once said yes
+
+    def feed(self, chunk: bytes) -> bool | None:
+        scanner = self.scanner
+        try:
+            scanner.feed(chunk)
+        except (wire.WireError, ValueError):  # (ValueError: past its length, an engine bug)
+            return False  # held whole, the peek reports it; or, on the way, stopped
+        if self.type_url:
+            return True
+        first = scanner.first_resource_type
+        if first is None:
+            return None if scanner.fed < HEAD_MAX else False
+        if first and first != RESOURCE_WRAPPER and self.forwarded(first):
+            self.type_url = first
+            return True
+        return False
 
 
 class _TypeState(route.TypeState):
@@ -200,6 +240,14 @@ class Relay:
             {mode: intercept.node_metadata_patch(mode, metadata) for mode in Mode}
             if metadata
             else {}
+        )
+
+    def passes(self, type_url: str) -> bool:
+        """Responses of this type go to Envoy unchanged (not consumed, not rewritten)."""
+        return (
+            intercept.is_forwarded(type_url)
+            and type_url not in self.interceptors
+            and type_url not in self.rewriters
         )
 
     def drain(self) -> None:
@@ -305,6 +353,7 @@ class Session(route.RouteCore):
             if self._node_patch is None:  # else _from_envoy sets it after the first request
                 self.downstream.set_sink(self._request_sink)
             upstream.set_sink(self._response_sink)
+        upstream.set_through(self._open)
         tasks = [
             asyncio.ensure_future(self._from_envoy()),
             asyncio.ensure_future(self._to_istiod(upstream)),
@@ -325,6 +374,7 @@ class Session(route.RouteCore):
         finally:
             self.downstream.set_sink(None)
             upstream.set_sink(None)
+            upstream.set_through(None)
             self.upstream = None
             for task in tasks:
                 task.cancel()
@@ -337,6 +387,11 @@ class Session(route.RouteCore):
             done.clear()
             await upstream.close()
         return self._account(ending, fields)
+
+    def _open(self, length: int) -> _Head:
+        """The judge of a big response (``length`` bytes) about to arrive (it refers to the
+        relay, not to this session: the engine may keep it past the session's end)."""
+        return _Head(wire.ResponseScanner(self.mode is Mode.DELTA, length), self.relay.passes)
 
     async def _dial(self) -> Upstream | None:
         """istiod's stream; None if a newer Envoy stream replaced this one first.
@@ -481,7 +536,7 @@ class Session(route.RouteCore):
         debug = _log.isEnabledFor(logging.DEBUG)
         types = self.types
         clock = time.perf_counter
-        data: bytes | None = None
+        data: bytes | Through | None = None
         while True:
             # The last response must not stay alive while the next one is read: a 20 MB
             # push would cost twice its size (measured: peak RSS 2.0x -> 1.0x the message).
@@ -494,13 +549,16 @@ class Session(route.RouteCore):
             if data is None:
                 return Ending("upstream", OK)
             received.value += 1
+            if type(data) is not bytes:
+                ending = await self._through(cast(Through, data), debug)
+                if ending is not None:
+                    return ending
+                continue
             arrived = clock()
             try:
                 response = peek(data)
             except wire.WireError as exc:
-                self.metrics.bad_messages.inc_label("response")
-                self.relay.say.error("malformed response from istiod: %s", str(exc), id=self.id)
-                return Ending("upstream", Status(Code.INTERNAL, f"malformed response: {exc}"))
+                return self._malformed(exc)
             type_url = response.type_url
             if debug:
                 _log.debug("response for %s", type_url, extra=log.fields(id=self.id))
@@ -528,6 +586,49 @@ class Session(route.RouteCore):
             except StreamError as exc:
                 return _failed("downstream", exc)
             self._forwarded(state, response, len(data), arrived)
+
+    async def _through(self, through: Through, debug: bool) -> Ending | None:
+        """A big response relayed as it arrives: all but its last byte first, and the last
+        once its end has been read and checked (well-formed, its type_url its first
+        resource's), so Envoy never holds whole a response that fails either: the stream
+        ends instead, and Envoy resyncs."""
+        head = cast(_Head, through.head)
+        type_url = head.type_url
+        if debug:
+            fields = log.fields(id=self.id)
+            _log.debug("response for %s, relayed as it arrives", type_url, extra=fields)
+        send = self.downstream.send_through
+        try:
+            await send(through, False)
+        except SourceError as exc:
+            if not through.failed:  # (refused on the way: finish() says why)
+                return _failed("upstream", exc)
+        except StreamError as exc:
+            return _failed("downstream", exc)
+        try:
+            response = head.scanner.finish()
+        except wire.WireError as exc:
+            return self._malformed(exc)
+        if response.type_url != type_url:
+            self.metrics.dropped_responses.inc_label("type_mismatch")
+            why = f"response type {response.type_url} is not its first resource's, {type_url}"
+            self.relay.say.error("%s: ending the stream, Envoy resyncs", why, id=self.id)
+            return Ending("upstream", Status(Code.INTERNAL, why))
+        try:
+            await send(through, True)
+        except StreamError as exc:
+            return _failed("downstream", exc)
+        self.metrics.streamed_responses.inc()
+        state = self.types.get(type_url) or self._state(type_url)
+        if not debug:
+            self._plain[type_url] = state  # the sink may forward this type from now on
+        self._forwarded(state, response, through.length - 5, through.arrived)
+        return None
+
+    def _malformed(self, exc: wire.WireError) -> Ending:
+        self.metrics.bad_messages.inc_label("response")
+        self.relay.say.error("malformed response from istiod: %s", str(exc), id=self.id)
+        return Ending("upstream", Status(Code.INTERNAL, f"malformed response: {exc}"))
 
     async def _rewrite(
         self, rewriter: Rewriter, data: bytes, response: Any, state: _TypeState

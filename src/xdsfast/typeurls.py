@@ -18,6 +18,8 @@ CLUSTER: Final = PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT: Final = PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET: Final = PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 EXTENSION_CONFIG: Final = PREFIX + "envoy.config.core.v3.TypedExtensionConfig"  # ECDS
+# The wrapper a resource may come in (TTL, on-demand): not the type of what it wraps.
+RESOURCE_WRAPPER: Final = PREFIX + "envoy.service.discovery.v3.Resource"
 
 # Istio's own: consumed by the agent (or, WORKLOAD, forwarded to ztunnel-style clients).
 NAME_TABLE: Final = PREFIX + "istio.networking.nds.v1.NameTable"

@@ -2,6 +2,9 @@
 
 The relay sees a stream as ``recv() -> bytes | None`` and ``send(bytes)``;
 an engine never knows what a NameTable is, the relay never imports grpcio.
+An engine that can relay a big response as it arrives (cut-through) hands it
+to the relay as a :class:`Through` instead of bytes, once the relay's judge
+(:class:`Head`) has said yes on its first bytes.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ class StreamError(Exception):
         self.status = status
 
 
+class SourceError(StreamError):
+    """The stream a cut-through message comes from ended or failed before its last byte,
+    or the relay's judge refused the rest of it (``Through.failed``)."""
+
+
 class DialError(Exception):
     """The upstream could not be reached at all."""
 
@@ -82,6 +90,41 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # took it whole (True) or left it, untouched, for recv() (False).  It saves the relay a task
 # switch per message; it must not block and must not have acted on a message it leaves.
 Sink = Callable[[bytes], bool]
+
+
+class Head(Protocol):
+    """The relay's judge of one big message, fed its bytes as they arrive."""
+
+    def feed(self, chunk: bytes) -> bool | None:
+        """The next bytes: True, relay the message as it comes; False, hold it whole (or,
+        once it is being relayed, stop it: it must not reach Envoy complete); None, not
+        known yet.  Never raises."""
+
+
+# Called at the prefix of each message of the engine's cut-through size or more: its
+# length (without the prefix) -> the judge that sees its bytes, or None (held whole).
+Opener = Callable[[int], Head | None]
+
+
+class Through(Protocol):
+    """A message being relayed as it arrives: the engine queues its bytes (the gRPC prefix
+    first) and credits its source only as the other side's writer takes them."""
+
+    @property
+    def length(self) -> int:
+        """The whole message's bytes, its 5-byte prefix included."""
+
+    @property
+    def head(self) -> Head:
+        """Its judge, which has seen every byte received."""
+
+    @property
+    def failed(self) -> bool:
+        """The judge refused it on the way."""
+
+    @property
+    def arrived(self) -> float:
+        """``time.perf_counter()`` when its last byte came (0 before)."""
 
 
 class _Stream(Protocol):
@@ -112,15 +155,26 @@ class Downstream(_Stream, Protocol):
     async def send(self, data: bytes) -> None:
         """Write one response. Raises StreamError."""
 
+    async def send_through(self, through: Through, whole: bool) -> None:
+        """Write ``through`` as its bytes arrive: not ``whole``, all but its last byte,
+        returning once every byte has arrived; ``whole``, the rest.  Raises SourceError if
+        its source fails first, StreamError if this stream does.  Only called with an
+        engine whose upstream's ``set_through`` said yes."""
+
 
 class Upstream(_Stream, Protocol):
     """istiod's side of one stream."""
 
-    async def recv(self) -> bytes | None:
-        """The next response; None once istiod ended the stream with OK. Raises StreamError."""
+    async def recv(self) -> bytes | Through | None:
+        """The next response (a Through once ``set_through`` said yes); None once istiod
+        ended the stream with OK. Raises StreamError."""
 
     async def send(self, data: bytes) -> None:
         """Write one request. Raises StreamError."""
+
+    def set_through(self, opener: Opener | None) -> bool:
+        """Ask ``opener`` about each big response, and hand those it says yes to as
+        ``Through``; False if this engine cannot (every response then comes whole)."""
 
     async def half_close(self) -> None:
         """No more requests (after those already sent); istiod may still answer."""

@@ -19,11 +19,13 @@ from xdsfast.engines import (
     DialError,
     DialSettings,
     Mode,
+    Opener,
     ServerSettings,
     Sink,
     Status,
     StreamError,
     StreamHandler,
+    Through,
     Upstream,
 )
 from xdsfast.engines._sockets import prepare_socket_path
@@ -81,6 +83,9 @@ class _Downstream(_AsyncOnly):
             raise StreamError(Status(Code.UNAVAILABLE, f"send to Envoy failed: {exc}")) from exc
         except aio.BaseError:  # e.g. ExecuteBatchError: Envoy reset the stream mid-write
             raise StreamError(Status(Code.UNAVAILABLE, _ENDED.format("send to"))) from None
+
+    async def send_through(self, through: Through, whole: bool) -> None:
+        raise NotImplementedError("grpc.aio holds every message whole (store-and-forward)")
 
 
 class GrpcioServer:
@@ -188,6 +193,9 @@ class _Upstream(_AsyncOnly):
             raise StreamError(_status(exc)) from exc
         except (aio.UsageError, asyncio.InvalidStateError) as exc:  # the call already ended
             raise StreamError(await self._final()) from exc
+
+    def set_through(self, opener: Opener | None) -> bool:
+        return False  # grpc.aio hands over whole messages only: store-and-forward
 
     async def half_close(self) -> None:
         with contextlib.suppress(aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError):

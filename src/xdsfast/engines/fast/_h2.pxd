@@ -31,6 +31,22 @@
 from libc.stdint cimport uint8_t, uint32_t
 
 
+cdef class StreamCore
+
+
+cdef class Through:
+    cdef public StreamCore stream  # the source, credited as bytes are taken (then None)
+    cdef readonly Py_ssize_t length  # the whole message with its 5-byte prefix
+    cdef readonly object head  # the relay's judge, fed every byte
+    cdef object chunks  # deque of bytes received, not taken
+    cdef Py_ssize_t offset  # bytes of chunks[0] already taken
+    cdef readonly Py_ssize_t received, taken
+    cdef public bint failed  # the judge refused it on the way
+    cdef public double arrived  # perf_counter() when its last byte came
+
+    cdef int _push(self, const uint8_t* p, Py_ssize_t n) except -1
+
+
 cdef class Assembler:
     cdef readonly Py_ssize_t max_len
     cdef public Py_ssize_t prealloc  # allocated at a prefix at most (then doubled as needed)
@@ -40,10 +56,17 @@ cdef class Assembler:
     cdef Py_ssize_t head_len  # prefix bytes seen of the current message
     cdef object msg  # the bytes being filled (``msg_cap`` allocated), or None
     cdef Py_ssize_t msg_len, msg_pos, msg_cap
+    cdef public object opener  # cut-through: opener(length) -> a judge, or None
+    cdef public Py_ssize_t through_min  # ... for messages of this many bytes or more
+    cdef object _judge  # the judge of the head being seen, or None
+    cdef bytearray _judged  # the prefix and head it has seen
+    cdef public Through _through  # the cut-through message being received, or None
 
     cdef int _begin(self, const uint8_t* h) except -1
     cdef int _grow(self, Py_ssize_t need) except -1
-    cdef list _feed(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end)
+    cdef list _feed(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end,
+                    StreamCore stream)
+    cdef Through _judge_more(self, const uint8_t* p, Py_ssize_t n, StreamCore stream)
 
 
 cdef class ConnCore
@@ -65,6 +88,7 @@ cdef class StreamCore:
     cdef public bint sendable  # the relay may send now (headers out, not half-closed)
     cdef public bint reading  # the relay has started taking its messages
     cdef public Py_ssize_t unread  # what its messages cost while it was not read (bytes)
+    cdef public Py_ssize_t pinned  # held bytes of cut-through messages not yet taken
     cdef public object _waiter  # the future recv() or finished() waits on, or None
 
     cdef int _payload(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end) except -1

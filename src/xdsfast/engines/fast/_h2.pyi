@@ -12,6 +12,7 @@ from xdsfast.engines.fast._h2_py import UNREAD_PROCESS_MAX as UNREAD_PROCESS_MAX
 from xdsfast.engines.fast._h2_py import Assembler as Assembler
 from xdsfast.engines.fast._h2_py import ConnCore as ConnCore
 from xdsfast.engines.fast._h2_py import StreamCore as StreamCore
+from xdsfast.engines.fast._h2_py import Through as Through
 from xdsfast.engines.fast._h2_py import data_frames as data_frames
 from xdsfast.engines.fast._h2_py import frame_header as frame_header
 from xdsfast.engines.fast._h2_py import frame_u32 as frame_u32

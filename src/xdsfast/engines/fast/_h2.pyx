@@ -8,11 +8,13 @@ the end of the buffer explicitly, which is why Cython's bounds checks are off.
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport (
-    PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize,
+    PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
+    PyByteArray_Resize,
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uint8_t, uint32_t
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.string cimport memcpy
 from cpython.dict cimport PyDict_GetItem
 from cpython.ref cimport PyObject
@@ -121,6 +123,96 @@ cdef inline void _prefix(uint8_t* out, Py_ssize_t offset, Py_ssize_t head,
         out[i] = prefix[offset + i]
 
 
+cdef class Through:
+    """A message relayed as it arrives (cut-through): its bytes, the gRPC prefix first,
+    queued as they come from the source stream until the writer takes them as DATA frames
+    for the other side.  What is queued is pinned: the source's window credits it only
+    once taken (``frames``), so a slow writer holds at most the source's windows.  Every
+    byte goes through the judge (``head.feed``); a refusal on the way (False) marks it
+    ``failed``, drops what comes after, and the writer stops."""
+
+    def __init__(self, StreamCore stream, Py_ssize_t length, head, bytes first not None):
+        self.stream = stream
+        self.length = length
+        self.head = head
+        self.chunks = deque((first,))
+        self.offset = 0
+        self.received = PyBytes_GET_SIZE(first)
+        self.taken = 0
+        self.failed = False
+        self.arrived = 0.0
+
+    def __len__(self):
+        return self.length
+
+    cdef int _push(self, const uint8_t* p, Py_ssize_t n) except -1:
+        """The next ``n`` bytes from the source."""
+        if self.failed:
+            return 0  # (credited with the rest of what the stream holds)
+        self.received += n
+        chunk = PyBytes_FromStringAndSize(<const char*>p, n)
+        if self.head.feed(chunk) is False:
+            self.failed = True
+            return 0
+        self.chunks.append(chunk)
+        if self.stream is not None:
+            self.stream.pinned += n
+        if self.received == self.length:
+            self.arrived = monotonic()
+        return 0
+
+    def frames(self, Py_ssize_t count, uint32_t stream_id, Py_ssize_t max_frame):
+        """DATA frames for the next ``count`` bytes (received, not taken): a chunk that is
+        one frame goes out as it is, behind its header; other frames are built whole.  The
+        source is credited for them."""
+        cdef list out = []
+        cdef object chunks = self.chunks
+        cdef Py_ssize_t left = count, size, need, clen, piece
+        cdef bytes chunk, frame
+        cdef uint8_t* o
+        cdef StreamCore source
+        while left > 0:
+            size = left if left < max_frame else max_frame
+            chunk = <bytes>chunks[0]
+            if self.offset == 0 and PyBytes_GET_SIZE(chunk) == size:
+                frame = PyBytes_FromStringAndSize(NULL, 9)
+                _put_header(<uint8_t*>PyBytes_AS_STRING(frame), size, FrameType.DATA, 0,
+                            stream_id)
+                out.append(frame)
+                out.append(chunk)
+                chunks.popleft()
+            else:
+                frame = PyBytes_FromStringAndSize(NULL, 9 + size)
+                o = <uint8_t*>PyBytes_AS_STRING(frame)
+                _put_header(o, size, FrameType.DATA, 0, stream_id)
+                o += 9
+                need = size
+                while need:
+                    chunk = <bytes>chunks[0]
+                    clen = PyBytes_GET_SIZE(chunk)
+                    piece = clen - self.offset
+                    if piece > need:
+                        piece = need
+                    memcpy(o, PyBytes_AS_STRING(chunk) + self.offset, piece)
+                    o += piece
+                    need -= piece
+                    self.offset += piece
+                    if self.offset == clen:
+                        chunks.popleft()
+                        self.offset = 0
+                out.append(frame)
+            left -= size
+        self.taken += count
+        source = self.stream
+        if source is not None:
+            source.pinned -= count
+            if not source.messages:
+                StreamCore._credit_held(source)
+            if self.taken == self.length:
+                self.stream = None
+        return out
+
+
 cdef class Assembler:
     """Cuts one stream's gRPC messages out of its DATA payloads, as they arrive.
 
@@ -143,11 +235,19 @@ cdef class Assembler:
         self.error_length = -1
         self.head_len = 0
         self.msg = None
+        self.opener = None
+        self.through_min = PY_SSIZE_T_MAX
+        self._judge = self._judged = self._through = None
 
     @property
     def pending(self):
         """Inside a message (its prefix started, its last byte not yet seen)."""
         return self.head_len > 0
+
+    def release(self):
+        """The stream is gone: no more cut-through (a Through and its stream refer to each
+        other, and the judge to the relay)."""
+        self.opener = self._judge = self._judged = self._through = None
 
     cdef int _begin(self, const uint8_t* h) except -1:
         cdef Py_ssize_t length, first
@@ -162,6 +262,11 @@ cdef class Assembler:
             return 0
         self.msg_len = length
         self.msg_pos = 0
+        if self.opener is not None and length >= self.through_min:
+            self._judge = self.opener(length)
+            if self._judge is not None:
+                self._judged = PyByteArray_FromStringAndSize(<const char*>h, 5)
+                return 1
         first = length if length <= self.prealloc else self.prealloc
         if first < 1 and length:
             first = 1  # (a size-0 bytes is a shared singleton: never resized)
@@ -186,21 +291,25 @@ cdef class Assembler:
         self.msg_cap = cap
         return 0
 
-    def feed(self, buf, Py_ssize_t start, Py_ssize_t end):
+    def feed(self, buf, Py_ssize_t start, Py_ssize_t end, StreamCore stream=None):
+        """Messages completed (bytes) and cut-through ones begun (``Through``), in order."""
         cdef Py_buffer view
         if self.error:
             return None
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
         try:
-            return self._feed(<const uint8_t*>view.buf, max(start, 0), min(end, view.len))
+            return self._feed(<const uint8_t*>view.buf, max(start, 0), min(end, view.len),
+                              stream)
         finally:
             PyBuffer_Release(&view)
 
-    cdef list _feed(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end):
+    cdef list _feed(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end,
+                    StreamCore stream):
         """``feed`` on a buffer already pinned by the caller (``start``/``end`` in range)."""
         cdef Py_ssize_t length, take
         cdef list out = None
         cdef object msg
+        cdef Through begun
         if self.error:
             return None
         while start < end:
@@ -210,7 +319,8 @@ cdef class Assembler:
                         length = (<Py_ssize_t>p[start + 1] << 24) \
                             | (<Py_ssize_t>p[start + 2] << 16) \
                             | (<Py_ssize_t>p[start + 3] << 8) | p[start + 4]
-                        if length <= self.max_len and end - start - 5 >= length:
+                        if length <= self.max_len and end - start - 5 >= length and (
+                                self.opener is None or length < self.through_min):
                             # the whole message is here: one copy
                             if out is None:
                                 out = []
@@ -242,6 +352,20 @@ cdef class Assembler:
                 if not self._begin(self.head):
                     self.head_len = 0
                     break
+            elif self.msg is None:  # cut-through: judged, or relayed as it comes
+                take = self.msg_len - self.msg_pos
+                if take > end - start:
+                    take = end - start
+                self.msg_pos += take
+                if self._through is not None:
+                    self._through._push(p + start, take)
+                else:
+                    begun = self._judge_more(p + start, take, stream)
+                    if begun is not None:
+                        if out is None:
+                            out = []
+                        out.append(begun)
+                start += take
             else:
                 take = self.msg_len - self.msg_pos
                 if take > end - start:
@@ -253,6 +377,10 @@ cdef class Assembler:
                     self.msg_pos += take
                     start += take
             if self.head_len == 5 and self.msg_pos == self.msg_len:
+                if self._through is not None:
+                    self._through = None
+                    self.head_len = 0
+                    continue
                 msg = self.msg
                 if out is None:
                     out = []
@@ -260,6 +388,32 @@ cdef class Assembler:
                 self.msg = None
                 self.head_len = 0
         return out
+
+    cdef Through _judge_more(self, const uint8_t* p, Py_ssize_t n, StreamCore stream):
+        """The judge sees ``n`` more bytes of the head: a ``Through`` begins (returned),
+        or the message is held whole (a refusal, or its end reached undecided), or the
+        head grows."""
+        cdef Py_ssize_t had = PyByteArray_GET_SIZE(self._judged)
+        cdef Py_ssize_t body
+        cdef Through through
+        PyByteArray_Resize(self._judged, had + n)
+        memcpy(PyByteArray_AS_STRING(self._judged) + had, p, n)
+        verdict = self._judge.feed(PyBytes_FromStringAndSize(<const char*>p, n))
+        if verdict is True:
+            through = Through(stream, self.msg_len + 5, self._judge, bytes(self._judged))
+            self._judge = self._judged = None
+            if stream is not None:
+                stream.pinned += through.received
+            if through.received == through.length:
+                through.arrived = monotonic()
+            self._through = through  # (until its last byte: the end of the message)
+            return through
+        if verdict is False or self.msg_pos == self.msg_len:
+            body = had + n - 5
+            self.msg = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self._judged) + 5, body)
+            self.msg_cap = body
+            self._judge = self._judged = None
+        return None
 
 
 # -- the receive path: frames to messages to the relay's sink, in C --------------------------
@@ -358,6 +512,7 @@ cdef class StreamCore:
         self.sendable = False  # server: once headers are out; client: until half-closed
         self.reading = False
         self.unread = 0
+        self.pinned = 0
 
     def on_payload(self, buf, Py_ssize_t start, Py_ssize_t end):
         """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
@@ -371,9 +526,13 @@ cdef class StreamCore:
     cdef int _payload(self, const uint8_t* p, Py_ssize_t start, Py_ssize_t end) except -1:
         cdef list messages
         cdef Assembler assembler = self.assembler
+        cdef Through through = assembler._through
+        cdef Py_ssize_t received = 0
         if self.error is not None or self.closed:
             return 0
-        messages = assembler._feed(p, start, end)
+        if through is not None:
+            received = through.received
+        messages = assembler._feed(p, start, end, self)
         if messages is not None and self.receiving and self.sink is not None \
                 and not self.messages:
             messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
@@ -382,10 +541,13 @@ cdef class StreamCore:
             StreamCore._wake_receiver(self)
             if not self.reading and self._count_unread(messages):
                 return 0  # over the budget: reset
+        elif through is not None and through.received != received:
+            StreamCore._wake_receiver(self)  # the writer of a cut-through message waits
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:
-            # A message is being reassembled and nothing waits to be taken: let it come.
+            # A message is being reassembled and nothing waits to be taken: let it come
+            # (bytes of a cut-through message: once taken).
             StreamCore._credit_held(self)
         return 0
 
@@ -434,7 +596,10 @@ cdef class StreamCore:
         return None
 
     cdef bint _take(self, message) except -1:
-        """The sink took ``message``; a bug in the sink: recv() gets it (and all) instead."""
+        """The sink took ``message``; a bug in the sink: recv() gets it (and all) instead.
+        A cut-through message is recv()'s."""
+        if type(message) is not bytes:
+            return False
         try:
             return self.sink(message)
         except Exception as exc:
@@ -458,10 +623,12 @@ cdef class StreamCore:
         StreamCore._credit_held(self)
 
     cpdef int _credit_held(self) except -1:
-        """Credit everything held (called when the queue is empty)."""
-        if self.held:
-            ConnCore.credit_stream(self.conn, self, self.held)
-            self.held = 0
+        """Credit everything held but what cut-through messages still pin (called when the
+        queue is empty)."""
+        cdef Py_ssize_t amount = self.held - self.pinned
+        if amount > 0:
+            ConnCore.credit_stream(self.conn, self, amount)
+            self.held = self.pinned
         return 0
 
     cpdef int _wake_receiver(self) except -1:
@@ -820,6 +987,7 @@ cdef class ConnCore:
         """``stream`` leaves the connection: what it held goes back to the connection's
         window and what it cost leaves the unread budgets."""
         stream._forget_unread()
+        stream.assembler.release()
         if stream.held:
             self.conn_credit += stream.held
             stream.held = 0

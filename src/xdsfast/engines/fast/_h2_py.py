@@ -84,10 +84,85 @@ def data_frames(
     return chunks
 
 
+class Through:
+    """A message relayed as it arrives (cut-through; see ``_h2.pyx``): its bytes, the gRPC
+    prefix first, queued as they come from the source stream until the writer takes them
+    as DATA frames for the other side."""
+
+    __slots__ = ("arrived", "chunks", "failed", "head", "length", "offset", "received",
+                 "stream", "taken")  # fmt: skip
+
+    def __init__(self, stream: StreamCore | None, length: int, head: Any, first: bytes) -> None:
+        self.stream = stream  # the source, to credit what is taken (None once all is taken)
+        self.length = length  # the whole message with its 5-byte prefix
+        self.head = head  # the relay's judge, fed every byte (``Head``)
+        self.chunks: deque[bytes] = deque((first,))
+        self.offset = 0  # bytes of chunks[0] already taken
+        self.received = len(first)
+        self.taken = 0
+        self.failed = False  # the judge refused it on the way: it must not be completed
+        self.arrived = 0.0  # perf_counter() when its last byte came
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _push(self, chunk: bytes) -> None:
+        """The next bytes from the source; the judge sees them (a refusal: ``failed``)."""
+        if self.failed:
+            return  # (credited with the rest of what the stream holds)
+        self.received += len(chunk)
+        if self.head.feed(chunk) is False:
+            self.failed = True
+            return
+        self.chunks.append(chunk)
+        if self.stream is not None:
+            self.stream.pinned += len(chunk)
+        if self.received == self.length:
+            self.arrived = time.perf_counter()
+
+    def frames(self, count: int, stream_id: int, max_frame: int) -> list[bytes]:
+        """DATA frames for the next ``count`` bytes (received, not taken); the source is
+        credited for them."""
+        out: list[bytes] = []
+        chunks = self.chunks
+        left = count
+        while left > 0:
+            size = min(left, max_frame)
+            header = frame_header(size, _DATA, 0, stream_id)
+            chunk = chunks[0]
+            if not self.offset and len(chunk) == size:
+                out += (header, chunk)
+                chunks.popleft()
+            else:
+                parts = [header]
+                need = size
+                while need:
+                    chunk = chunks[0]
+                    piece = chunk[self.offset : self.offset + need]
+                    parts.append(piece)
+                    need -= len(piece)
+                    self.offset += len(piece)
+                    if self.offset == len(chunk):
+                        chunks.popleft()
+                        self.offset = 0
+                out.append(b"".join(parts))
+            left -= size
+        self.taken += count
+        source = self.stream
+        if source is not None:
+            source.pinned -= count
+            if not source.messages:
+                source._credit_held()
+            if self.taken == self.length:
+                self.stream = None
+        return out
+
+
 class Assembler:
     """Cuts one stream's gRPC messages out of its DATA payloads (see ``_h2.pyx``)."""
 
-    __slots__ = ("_head", "_msg", "_need", "error", "error_length", "max_len", "prealloc")
+    __slots__ = ("_head", "_judge", "_judged", "_msg", "_need", "_through", "error",
+                 "error_length", "max_len", "opener", "prealloc", "through_min")  # fmt: skip
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
@@ -97,10 +172,22 @@ class Assembler:
         self._head = bytearray()  # prefix bytes seen of the current message
         self._msg: bytearray | None = None
         self._need = 0  # body bytes still to come
+        # Cut-through: ``opener(length)`` for each message of ``through_min`` bytes or more
+        # gives a judge (or None: held whole), fed the head until it says yes or no.
+        self.opener: Callable[[int], Any] | None = None
+        self.through_min = 1 << 62
+        self._judge: Any = None
+        self._judged: bytearray | None = None  # the prefix and head the judge has seen
+        self._through: Through | None = None
 
     @property
     def pending(self) -> bool:
         return bool(self._head)
+
+    def release(self) -> None:
+        """The stream is gone: no more cut-through (a Through and its stream refer to each
+        other, and the judge to the relay)."""
+        self.opener = self._judge = self._judged = self._through = None
 
     def _begin(self) -> bool:
         head = self._head
@@ -112,19 +199,30 @@ class Assembler:
             self.error, self.error_length = 2, length
             return False
         self._msg, self._need = bytearray(), length
+        if self.opener is not None and length >= self.through_min:
+            self._judge = self.opener(length)
+            if self._judge is not None:
+                self._msg, self._judged = None, bytearray(head)
         return True
 
-    def feed(self, buf: Buffer, start: int, end: int) -> list[bytes] | None:
+    def feed(
+        self, buf: Buffer, start: int, end: int, stream: StreamCore | None = None
+    ) -> list[Any] | None:
+        """Messages completed (bytes) and cut-through ones begun (``Through``), in order."""
         if self.error:
             return None
-        out: list[bytes] | None = None
+        out: list[Any] | None = None
         start, end = max(start, 0), min(end, len(buf))
         head = self._head
         while start < end:
             if len(head) < 5:
                 if not head and end - start >= 5 and buf[start] == 0:
                     length = int.from_bytes(buf[start + 1 : start + 5], "big")
-                    if length <= self.max_len and end - start - 5 >= length:
+                    if (
+                        length <= self.max_len
+                        and end - start - 5 >= length
+                        and (self.opener is None or length < self.through_min)
+                    ):
                         if out is None:
                             out = []
                         out.append(bytes(buf[start + 5 : start + 5 + length]))
@@ -140,17 +238,51 @@ class Assembler:
                     break
             else:
                 take = min(self._need, end - start)
-                assert self._msg is not None
-                self._msg += buf[start : start + take]
+                chunk = buf[start : start + take]
                 self._need -= take
                 start += take
+                if self._through is not None:
+                    self._through._push(bytes(chunk))
+                elif self._judged is not None:
+                    begun = self._judge_more(bytes(chunk), stream)
+                    if begun is not None:
+                        if out is None:
+                            out = []
+                        out.append(begun)
+                else:
+                    assert self._msg is not None
+                    self._msg += chunk
             if len(head) == 5 and not self._need:
+                head.clear()
+                if self._through is not None:
+                    self._through = None
+                    continue
                 if out is None:
                     out = []
                 out.append(bytes(self._msg or b""))
                 self._msg = None
-                head.clear()
         return out
+
+    def _judge_more(self, chunk: bytes, stream: StreamCore | None) -> Through | None:
+        """The judge sees more of the head: a ``Through`` begins, or the message is held
+        whole (a refusal, or its end reached undecided), or the head grows."""
+        judged = self._judged
+        assert judged is not None
+        judged += chunk
+        verdict = self._judge.feed(chunk)
+        if verdict is True:
+            through = Through(stream, len(judged) + self._need, self._judge, bytes(judged))
+            self._judge = self._judged = None
+            if stream is not None:
+                stream.pinned += len(judged)
+            if not self._need:
+                through.arrived = time.perf_counter()
+            self._through = through  # (until its last byte: the end of the message)
+            return through
+        if verdict is False or not self._need:
+            self._msg = judged[5:]
+            self._judge = self._judged = None
+        return None
 
 
 # -- the receive path (see ``_h2.pyx``: the same state, the same steps) ------------------------
@@ -190,6 +322,7 @@ class StreamCore:
         "held",
         "id",
         "messages",
+        "pinned",
         "reading",
         "receiving",
         "recv_window",
@@ -215,6 +348,7 @@ class StreamCore:
     sendable: bool  # the relay may send now (headers out, not half-closed)
     reading: bool  # the relay has started taking its messages
     unread: int  # what its messages cost while it was not read (bytes)
+    pinned: int  # held bytes of cut-through messages not yet taken (credited as taken)
     _waiter: asyncio.Future[None] | None
 
     def __init__(self, conn: ConnCore, stream_id: int, max_recv: int) -> None:
@@ -231,6 +365,7 @@ class StreamCore:
         self.sendable = False  # server: once headers are out; client: until half-closed
         self.reading = False
         self.unread = 0
+        self.pinned = 0
 
     # Called by name; the engine's subclass defines them.
     def bad_message(self, error: int, length: int) -> None:
@@ -244,7 +379,9 @@ class StreamCore:
         if self.error is not None or self.closed:
             return
         assembler = self.assembler
-        messages = assembler.feed(buf, start, end)
+        through = assembler._through
+        received = 0 if through is None else through.received
+        messages = assembler.feed(buf, start, end, self)
         if messages and self.receiving and self.sink is not None and not self.messages:
             messages = self._offer(messages)  # (queued ones, woken for, would be overtaken)
         if messages:
@@ -252,10 +389,13 @@ class StreamCore:
             self._wake_receiver()
             if not self.reading and self._count_unread(messages):
                 return  # over the budget: reset
+        elif through is not None and through.received != received:
+            self._wake_receiver()  # the writer of a cut-through message waits for more
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:
-            # A message is being reassembled and nothing waits to be taken: let it come.
+            # A message is being reassembled and nothing waits to be taken: let it come
+            # (bytes of a cut-through message: once taken).
             self._credit_held()
 
     def _count_unread(self, messages: list[bytes]) -> bool:
@@ -295,7 +435,10 @@ class StreamCore:
         return None
 
     def _take(self, message: bytes) -> bool:
-        """The sink took ``message``; a bug in the sink: recv() gets it (and all) instead."""
+        """The sink took ``message``; a bug in the sink: recv() gets it (and all) instead.
+        A cut-through message is recv()'s."""
+        if type(message) is not bytes:
+            return False
         try:
             return bool(self.sink(message))  # type: ignore[misc]
         except Exception as exc:
@@ -318,10 +461,12 @@ class StreamCore:
         self._credit_held()
 
     def _credit_held(self) -> None:
-        """Credit everything held (called when the queue is empty)."""
-        if self.held:
-            self.conn.credit_stream(self, self.held)
-            self.held = 0
+        """Credit everything held but what cut-through messages still pin (called when the
+        queue is empty)."""
+        amount = self.held - self.pinned
+        if amount > 0:
+            self.conn.credit_stream(self, amount)
+            self.held = self.pinned
 
     def _wake_receiver(self) -> None:
         """Wake what waits for this stream (recv(), finished()), if anything does."""
@@ -673,6 +818,7 @@ class ConnCore:
         """``stream`` leaves the connection: what it held goes back to the connection's
         window and what it cost leaves the unread budgets."""
         stream._forget_unread()
+        stream.assembler.release()
         if stream.held:
             self.conn_credit += stream.held
             stream.held = 0

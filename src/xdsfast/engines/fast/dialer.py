@@ -18,11 +18,14 @@ from xdsfast.engines import (
     DialError,
     DialSettings,
     Mode,
+    Opener,
     Sink,
     Status,
     StreamError,
+    Through,
     Upstream,
 )
+from xdsfast.engines.fast import protocol
 from xdsfast.engines.fast.h2numbers import ErrorCode, Flag, FrameType
 from xdsfast.engines.fast.protocol import CONTENT_TYPE, Connection, Stream, frame_header
 from xdsfast.upstream import bearer_token, load_tls
@@ -135,7 +138,7 @@ class _Upstream:
             stream.sendable = False
             conn.write(frame_header(0, FrameType.DATA, Flag.END_STREAM, stream.id))
 
-    async def recv(self) -> bytes | None:
+    async def recv(self) -> bytes | Through | None:
         stream = self._stream
         data = await stream.next_message()
         if data is None and stream.status is None:  # ended without trailers
@@ -152,6 +155,12 @@ class _Upstream:
 
     def set_sink(self, sink: Sink | None) -> bool:
         self._stream.sink = sink
+        return True
+
+    def set_through(self, opener: Opener | None) -> bool:
+        assembler = self._stream.assembler
+        assembler.opener = opener
+        assembler.through_min = max(1, protocol.THROUGH_MIN)
         return True
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ import hpack
 
 from xdsfast import _ext, log
 from xdsfast._errors import H2ConnectionError
-from xdsfast.engines import Code, Status, StreamError
+from xdsfast.engines import Code, SourceError, Status, StreamError
 from xdsfast.engines.fast.h2numbers import (
     DEFAULT_FRAME,
     DEFAULT_WINDOW,
@@ -49,6 +49,11 @@ STREAM_WINDOW = 4 << 20  # per stream; credited back as the relay consumes
 CONN_WINDOW = 16 << 20
 MAX_HEADER_LIST = 64 << 10  # decoded header list size we accept
 MAX_HEADER_BLOCK = 256 << 10  # encoded header block (HEADERS + CONTINUATION) we buffer
+# Cut-through: a response from istiod this big or bigger is offered to the relay's judge
+# and, if it says yes, written to Envoy as it arrives; smaller ones are held whole (they
+# cost little, and whole they take the one-frame fast path).
+THROUGH_MIN = 1 << 20
+THROUGH_WRITE = 256 << 10  # written at most at a time, so the transport buffers little
 # How long a closed connection may take to flush what it wrote (a peer that does not read
 # would otherwise keep it, and its buffer, forever).
 CLOSE_GRACE = 2.0
@@ -211,6 +216,45 @@ class Stream(_h2.StreamCore):
             offset += n
         if conn.write_paused:
             await conn.drain()
+
+    async def write_through(self, through: _h2.Through, whole: bool) -> None:
+        """Write ``through``'s bytes as they arrive, as far as the windows and the socket
+        let (``THROUGH_WRITE`` at a time: the transport holds little); its source is
+        credited for what is written, so istiod sends no faster than Envoy reads.  Not
+        ``whole``: all but the last byte, returning once every byte has arrived (so the
+        relay can check the message before Envoy has it whole); ``whole``: the rest.
+        Raises SourceError when the source fails first (or the judge refused the rest)."""
+        conn = self.conn
+        source = through.stream
+        length = through.length
+        until = length if whole else length - 1
+        while through.taken < until or through.received < length:
+            if through.failed:
+                raise SourceError(Status(Code.INTERNAL, "the rest of the message was refused"))
+            if self.closed or conn.closed:
+                raise self.failure() if self.error else StreamError(conn.lost_status())
+            ready = min(through.received, until) - through.taken
+            if ready <= 0:
+                assert source is not None  # (let go only once all is taken)
+                if source.error is not None:
+                    raise SourceError(source.error.status)
+                if source.ended or source.closed:
+                    raise SourceError(Status(Code.UNAVAILABLE, "the stream ended inside a message"))
+                waiter = source._waiter = conn.loop.create_future()
+                await waiter
+                continue
+            window = min(self.send_window, conn.send_window)
+            if window <= 0:
+                await conn.wait_window()
+                continue
+            if conn.write_paused:
+                await conn.drain()
+                continue
+            count = min(ready, window, THROUGH_WRITE)
+            self.send_window -= count
+            conn.send_window -= count
+            conn.sent_data = True
+            conn.writelines(through.frames(count, self.id, conn.peer_max_frame))
 
 
 # -- connection ------------------------------------------------------------------------------

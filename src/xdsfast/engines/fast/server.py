@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote
 
 from xdsfast import log
@@ -22,10 +23,14 @@ from xdsfast.engines import (
     Status,
     StreamError,
     StreamHandler,
+    Through,
 )
 from xdsfast.engines._sockets import prepare_socket_path
 from xdsfast.engines.fast.h2numbers import ErrorCode, FrameType, SettingCode
 from xdsfast.engines.fast.protocol import CONTENT_TYPE, Connection, Stream, frame_u32
+
+if TYPE_CHECKING:
+    from xdsfast.engines.fast import _h2_py as _h2
 
 _log = log.scope("xdsproxy")
 
@@ -50,7 +55,8 @@ class _Downstream:
     async def recv(self) -> bytes | None:
         return await self._stream.next_message()
 
-    async def send(self, data: bytes) -> None:
+    def _ready(self) -> Stream:
+        """The stream, its response headers sent; raises StreamError if it failed."""
         stream = self._stream
         if not stream.sent_headers:
             stream.sent_headers = stream.sendable = True
@@ -59,7 +65,13 @@ class _Downstream:
             )
         if stream.error is not None and stream.closed:
             raise StreamError(Status(Code.UNAVAILABLE, f"send to Envoy failed: {stream.error}"))
-        await stream.write_message(data)
+        return stream
+
+    async def send(self, data: bytes) -> None:
+        await self._ready().write_message(data)
+
+    async def send_through(self, through: Through, whole: bool) -> None:
+        await self._ready().write_through(cast("_h2.Through", through), whole)
 
     def set_sink(self, sink: Sink | None) -> bool:
         self._stream.sink = sink
