@@ -380,3 +380,98 @@ def small_eds(i: int) -> endpoint_pb2.ClusterLoadAssignment:
             )
         ],
     )
+
+
+# ----- big pushes, built as wire bytes -----------------------------------------------------
+
+
+def _field(number: int, size: int) -> bytes:
+    """The tag and length of a length-delimited field whose payload follows separately."""
+    from xdsfast import wire
+
+    return wire.varint(number << 3 | 2) + wire.varint(size)
+
+
+def _padded_cluster(i: int) -> cluster_pb2.Cluster:
+    """Istio's outbound cluster ``i`` as a STATIC cluster without endpoints: Envoy takes
+    it at once (no EDS to wait for, nothing to connect to)."""
+    name = big_cluster_name(i)
+    svc, ns = f"svc-{i:05d}", f"ns-{i % 50:02d}"
+    host = f"{svc}.{ns}.svc.cluster.local"
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=10),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name),
+        metadata=base_pb2.Metadata(
+            filter_metadata={
+                "istio": _struct(
+                    {
+                        "services": [{"host": host, "name": svc, "namespace": ns}],
+                        "default_original_port": 8080,
+                    }
+                )
+            }
+        ),
+        alt_stat_name=f"outbound_8080__{host}",
+    )
+
+
+def big_cds_response(
+    size: int,
+    *,
+    clusters: int = 400,
+    first: int = 0,
+    delta: bool = False,
+    version: str = "big",
+    nonce: str = "big",
+) -> bytes:
+    """A serialized CDS response (SotW, or ``delta``) of about ``size`` bytes, for
+    :meth:`.controlplane.ControlPlane.push_bytes`: ``clusters`` unique clusters named
+    ``big_cluster_name(first ...)``, each carrying an equal share of ``size`` as filter
+    metadata (``xdsfast.pad``), so Envoy parses the bytes but builds few clusters.
+
+    Fields come in istiod's order (resources before type_url and nonce). The padding is
+    serialized once and shared: a second ``metadata`` field that protobuf merges into
+    the cluster's, so the only big allocation is the result (a 200 MB push costs 200 MB).
+    """
+    from xdsfast import wire  # (here: the peers load no compiled core unless they build this)
+
+    share = max(0, size // max(1, clusters) - 300)
+    pad = struct_pb2.Struct()
+    pad["pad"] = "x" * share
+    padding = cluster_pb2.Cluster(
+        metadata=base_pb2.Metadata(filter_metadata={"xdsfast.pad": pad})
+    ).SerializeToString()
+    del pad
+    type_url = wire.length_delimited(1, CLUSTER.encode())
+    parts: list[bytes] = []
+    for i in range(first, first + clusters):
+        own = _padded_cluster(i).SerializeToString()
+        body = len(own) + len(padding)
+        any_head = type_url + _field(2, body)  # Any: type_url, value
+        packed = len(any_head) + body
+        if delta:  # Resource: version, resource (the Any), name
+            named = wire.length_delimited(1, version.encode())
+            tail = wire.length_delimited(3, big_cluster_name(i).encode())
+            resource = len(named) + len(_field(2, packed)) + packed + len(tail)
+            parts += (_field(2, resource), named, _field(2, packed), any_head, own, padding, tail)
+        else:
+            parts += (_field(2, packed), any_head, own, padding)
+    head = wire.length_delimited(1, version.encode())  # version_info / system_version_info
+    end = wire.length_delimited(4, CLUSTER.encode()) + wire.length_delimited(5, nonce.encode())
+    return b"".join([head, *parts, end])
+
+
+def big_name_table(hosts: int, *, first_ip: str = "10.1") -> nds_pb2.NameTable:
+    """A NameTable of ``hosts`` Kubernetes services (about 80 bytes each on the wire), the
+    one numbered ``i`` at ``{first_ip}.{i // 250}.{i % 250 + 1}``."""
+    table = nds_pb2.NameTable()
+    for i in range(hosts):
+        svc, ns = f"svc-{i:05d}", f"ns-{i % 50:02d}"
+        info = table.table[f"{svc}.{ns}.svc.cluster.local"]
+        info.ips.append(f"{first_ip}.{i // 250 % 256}.{i % 250 + 1}")
+        info.registry = "Kubernetes"
+        info.shortname = svc
+        info.namespace = ns
+    return table
