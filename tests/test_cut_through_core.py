@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_h2_core import Transport
 from twins import KINDS, Cores
 
 from xdsfast.engines.fast.h2numbers import FrameType
@@ -151,17 +152,6 @@ def test_a_refusal_on_the_way_fails_it_and_drops_the_rest(h2: ModuleType) -> Non
 
 
 # -- credit: a Through's bytes are pinned until taken --------------------------------------
-
-
-class Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(bytes(data))
-
-    def writelines(self, chunks: list[Any]) -> None:
-        self.out.append(b"".join(bytes(c) for c in chunks))
 
 
 def _credits(transport: Transport, stream_id: int) -> int:

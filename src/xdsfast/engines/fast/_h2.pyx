@@ -557,8 +557,8 @@ cdef class StreamCore:
         global _unread_total
         cdef ConnCore conn = self.conn
         cdef Py_ssize_t cost = 0
-        for message in messages:
-            cost += len(message) + MESSAGE_COST
+        for message in messages:  # (a cut-through message costs what it pins: the windows)
+            cost += (PyBytes_GET_SIZE(message) if type(message) is bytes else 0) + MESSAGE_COST
         self.unread += cost
         conn.unread += cost
         _unread_total += cost

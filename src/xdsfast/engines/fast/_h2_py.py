@@ -402,7 +402,10 @@ class StreamCore:
         """Messages queued before the relay reads this stream: within the budgets, or the
         stream is reset (True)."""
         conn = self.conn
-        cost = sum(len(message) + MESSAGE_COST for message in messages)
+        # (a cut-through message costs what it pins, which the windows bound)
+        cost = sum(
+            (len(message) if type(message) is bytes else 0) + MESSAGE_COST for message in messages
+        )
         self.unread += cost
         conn.unread += cost
         _Unread.total += cost
