@@ -162,13 +162,16 @@ def _credits(transport: Transport, stream_id: int) -> int:
     return total
 
 
-def test_a_through_is_credited_only_as_it_is_taken(h2: ModuleType) -> None:
+def rig(h2: ModuleType, reading: bool) -> tuple[Any, Any, Transport]:
+    """A client connection with stream 1 open, cut-through from 100 bytes."""
+
     class Stream(h2.StreamCore):  # type: ignore[name-defined,misc]
         def bad_message(self, error: int, length: int) -> None:
             raise AssertionError(error)
 
     class Conn(h2.ConnCore):  # type: ignore[name-defined,misc]
-        pass
+        def unread_over(self, stream: Any, per_connection: bool) -> None:
+            raise AssertionError("over the unread budget")
 
     conn = Conn(True)
     conn.transport = transport = Transport()
@@ -176,18 +179,28 @@ def test_a_through_is_credited_only_as_it_is_taken(h2: ModuleType) -> None:
     conn.local_window = 1 << 16
     stream = Stream(conn, 1, 1 << 20)
     conn.streams[1] = stream
-    stream.start_reading()
+    if reading:
+        stream.start_reading()
     stream.assembler.opener = lambda length: Judge(1, True)
     stream.assembler.through_min = 100
-    body = bytes(range(256)) * 200  # 51200 bytes
-    wire = framed(body)
-    # Whole DATA frames for stream 1 as they would come off the socket.
+    return conn, stream, transport
+
+
+def deliver(conn: Any, stream: Any, wire: bytes) -> None:
+    """Whole DATA frames for stream 1 as they would come off the socket."""
     for start in range(0, len(wire), 8000):
         piece = wire[start : start + 8000]
         conn.recv_window += len(piece)  # (the test is not about the connection window)
         stream.recv_window += len(piece)
         frame = len(piece).to_bytes(3, "big") + bytes((0, 0)) + (1).to_bytes(4, "big") + piece
         conn.data_received(frame)
+
+
+def test_a_through_is_credited_only_as_it_is_taken(h2: ModuleType) -> None:
+    conn, stream, transport = rig(h2, reading=True)
+    body = bytes(range(256)) * 200  # 51200 bytes
+    wire = framed(body)
+    deliver(conn, stream, wire)
     (through,) = stream.messages
     assert through.received == len(wire) and stream.pinned == len(wire)
     assert _credits(transport, 1) == 0  # nothing taken: nothing credited
@@ -199,3 +212,13 @@ def test_a_through_is_credited_only_as_it_is_taken(h2: ModuleType) -> None:
     assert payload_of(frames, 1, 16384) == wire
     assert stream.pinned == 0 and stream.held == 0 and through.stream is None
     assert _credits(transport, 1) == len(wire)
+
+
+def test_a_through_on_a_stream_not_read_yet_costs_what_it_pins(h2: ModuleType) -> None:
+    """The windows bound what a Through holds: its length is not charged to the budget
+    of streams not read yet (40 KB here, over a 10 KB budget)."""
+    conn, stream, _ = rig(h2, reading=False)
+    conn.unread_max = 10_000
+    deliver(conn, stream, framed(bytes(40_000)))
+    (through,) = stream.messages
+    assert through.received == 40_005 and stream.unread == h2.MESSAGE_COST
