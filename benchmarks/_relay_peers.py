@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +50,10 @@ from xdsfast import wire
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-STORM, SMALL, BURST, BIG = "storm", "small", "burst", "big"
-TYPE_OF = {STORM: CDS, SMALL: EDS, BURST: EDS, BIG: CDS}
-BIG_BYTES = 20_000_000  # the big push: one CDS response of about this size
+STORM, SMALL, BURST = "storm", "small", "burst"
+BIG, BIG_ACKED = "big", "big-acked"  # big CDS pushes back to back; one at a time, each ACKed
+TYPE_OF = {STORM: CDS, SMALL: EDS, BURST: EDS, BIG: CDS, BIG_ACKED: CDS}
+BIG_CHUNK_CLUSTERS = 256  # a big push is these clusters' resources repeated to its size
 # What istiod's certificate names (Istio's default ISTIOD_SAN) besides localhost/127.0.0.1.
 TLS_SERVER_NAME = "istiod.istio-system.svc"
 ROOT_CERT = "root-cert.pem"
@@ -154,13 +155,15 @@ class Flavour:
         return wire.peek_request(data).response_nonce
 
 
-def repeated_body(body: bytes, size: int) -> bytes:
-    """``body`` repeated to about ``size`` bytes: still one valid response.
+def big_push(chunk: bytes, repeats: int, serial: int, flavour: Flavour) -> bytes:
+    """A CDS response: ``chunk`` (resources only) ``repeats`` times, then type_url,
+    version and nonce, in istiod's order (resources first).
 
-    A body is only repeated fields (resources) and one singular field (type_url,
-    the same each time, so last-one-wins keeps it); one allocation, no list of parts.
+    Repeating a repeated field is still one valid response; ``b"".join`` of references
+    makes the one allocation, so the control plane holds no second copy of the push.
     """
-    return body * max(1, round(size / len(body)))
+    tail = flavour.stamp(_text(0x22, CDS), serial)  # type_url is field 4 in both flavours
+    return b"".join([chunk] * repeats + [tail])
 
 
 def sidecar_node() -> base_pb2.Node:
@@ -252,6 +255,7 @@ class Plan:
     workload: str
     count: int
     flavour: Flavour
+    size: int = 0  # the big pushes' size in bytes
 
 
 class ControlPlane:
@@ -261,7 +265,7 @@ class ControlPlane:
         self.plan: Plan | None = None
         self._storm: dict[bool, list[bytes]] = {}
         self._small: dict[bool, list[bytes]] = {}
-        self._big: dict[bool, list[bytes]] = {}
+        self._big_chunk: dict[bool, bytes] = {}
         self._cds_body: dict[bool, bytes] = {}
 
     def cds_body(self, flavour: Flavour) -> bytes:
@@ -273,6 +277,19 @@ class ControlPlane:
             self._cds_body[flavour.delta] = flavour.body(CDS, clusters)
         return self._cds_body[flavour.delta]
 
+    def big_chunk(self, flavour: Flavour) -> bytes:
+        """The big pushes' repeated part: 256 Istio-like clusters, no type_url, built once."""
+        if flavour.delta not in self._big_chunk:
+            from xdsfast.peers import mesh
+
+            clusters = list(mesh.big_cds(BIG_CHUNK_CLUSTERS).items())
+            self._big_chunk[flavour.delta] = flavour.body("", clusters)
+        return self._big_chunk[flavour.delta]
+
+    def big_repeats(self, plan: Plan) -> int:
+        """How many chunks make a push of about ``plan.size`` bytes."""
+        return max(1, round(plan.size / len(self.big_chunk(plan.flavour))))
+
     def prepare(self, plan: Plan) -> dict[str, Any]:
         """Build (once per flavour) the payloads a plan needs, outside any timing."""
         flavour = plan.flavour
@@ -281,11 +298,10 @@ class ControlPlane:
                 body = self.cds_body(flavour)
                 self._storm[flavour.delta] = [flavour.stamp(body, i) for i in range(STORM_VARIANTS)]
             size = len(self._storm[flavour.delta][0])
-        elif plan.workload == BIG:
-            # The storm's clusters 4 times over (~20 MB); stamped at each send, not kept twice.
-            if flavour.delta not in self._big:
-                self._big[flavour.delta] = [repeated_body(self.cds_body(flavour), BIG_BYTES)]
-            size = len(flavour.stamp(self._big[flavour.delta][0], 0))
+        elif plan.workload in (BIG, BIG_ACKED):
+            # Only a ~300 kB chunk is kept; each push is built at its send (big_push).
+            chunk = self.big_chunk(flavour)
+            size = len(chunk) * (self.big_repeats(plan) - 1) + len(big_push(chunk, 1, 0, flavour))
         else:  # SMALL and BURST: the same EDS bodies, each message stamped with its own nonce
             if flavour.delta not in self._small:
                 from xdsfast.peers import mesh
@@ -308,7 +324,7 @@ class ControlPlane:
         if plan is None:
             emit("error", message="a stream arrived with no workload planned")
             return
-        run = self._pushed_run if plan.workload in (STORM, BURST) else self._acked_run
+        run = self._pushed_run if plan.workload in (STORM, BURST, BIG) else self._acked_run
         try:
             await run(plan, context)
         except asyncio.CancelledError:
@@ -320,14 +336,20 @@ class ControlPlane:
     async def _pushed_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
         """Push ``count`` responses back to back, as istiod pushes (no waiting for ACKs).
 
-        The storm sends its pre-stamped big pushes; a burst stamps each small EDS body
-        with a fresh version and nonce.  ACKs are drained concurrently.
+        The storm sends its pre-stamped pushes; big pushes are built one at a time, each
+        at its send (in the timing, for every row alike: one push held at once); a burst
+        stamps each small EDS body with a fresh version and nonce.  ACKs are drained
+        concurrently.
         """
         n, flavour = plan.count, plan.flavour
         peek_nonce, stamp = flavour.peek_nonce, flavour.stamp
+        bodies: Iterable[bytes]
         if plan.workload == STORM:
             pushes = self._storm[flavour.delta]
             bodies = [pushes[i % len(pushes)] for i in range(n)]
+        elif plan.workload == BIG:
+            chunk, repeats = self.big_chunk(flavour), self.big_repeats(plan)
+            bodies = (big_push(chunk, repeats, i, flavour) for i in range(n))
         else:  # stamped before the clock starts: the control plane's cost is not the relay's
             small = self._small[flavour.delta]
             bodies = [stamp(small[i % len(small)], i) for i in range(n)]
@@ -351,6 +373,7 @@ class ControlPlane:
         for data in bodies:
             await write(data)
             sent += len(data)
+            del data  # a big push is not held while the next one is built
         t_sent = time.monotonic()
         await reader
         if acked < n:
@@ -369,17 +392,27 @@ class ControlPlane:
     async def _acked_run(self, plan: Plan, context: aio.ServicerContext[bytes, bytes]) -> None:
         """``count`` response/ACK round trips (small or big), each timed from send to ACK."""
         flavour = plan.flavour
-        bodies = (self._small if plan.workload == SMALL else self._big)[flavour.delta]
         stamp, peek_nonce = flavour.stamp, flavour.peek_nonce
+        bodies = self._small[flavour.delta] if plan.workload == SMALL else []
+        chunk = self.big_chunk(flavour) if plan.workload == BIG_ACKED else b""
+        repeats = self.big_repeats(plan) if chunk else 0
+
+        def build(i: int) -> bytes:
+            """The i-th response; a big push built at its send, so one is held at once."""
+            if chunk:
+                return big_push(chunk, repeats, i, flavour)
+            return stamp(bodies[i % len(bodies)], i)
+
         read, write, clock = context.read, context.write, time.perf_counter
         rtts: list[float] = []
         mismatched = 0
         cpu0 = cpu_seconds()
         t_start = clock()
         for i in range(plan.count):
-            data = stamp(bodies[i % len(bodies)], i)
+            data = build(i)
             t = clock()
             await write(data)
+            del data
             ack = await read()
             rtts.append(clock() - t)
             if ack is aio.EOF:
@@ -431,7 +464,8 @@ async def run_controlplane(host: str, tls_dir: str | None) -> None:
     emit("ready", port=port, **tls)
     try:
         while (command := await commands.get()) is not None:
-            plan = Plan(command["workload"], int(command["count"]), Flavour(command["delta"]))
+            flavour = Flavour(command["delta"])
+            plan = Plan(command["workload"], int(command["count"]), flavour, command.get("size", 0))
             emit("planned", **cp.prepare(plan))
     finally:
         await server.stop(0)

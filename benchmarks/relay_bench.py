@@ -48,9 +48,21 @@ Workloads (SotW, or delta with ``--delta``):
   timed from the control plane's first write to its last ACK.  Reads and writes then
   carry several messages each, as in a busy mesh, so this is the throughput and CPU
   figure of a relay under load; the small updates above are its latency figure.
-* big push (opt-in, ``--big N``): N x ~20 MB CDS responses, each ACKed before the
-  next; the relay's peak RSS over its RSS just before, which should track the
-  largest in-flight message, not the push rate.
+* big pushes (opt-in, ``--big N``), three workloads:
+
+  - ``big``: N x 40 MB CDS responses pushed back to back, as istiod pushes (it does
+    not wait for ACKs), each read and ACKed; timed as the storm is: the big-push
+    throughput, as a ratio to direct round by round.
+  - ``peak_big`` and ``peak_huge``: one 40 MB and one 200 MB CDS response, each ACKed,
+    each after a VmHWM reset: the relay's peak RSS over idle (its RSS just before the
+    push, at rest).  A relay that holds each push whole grows with the push; one that
+    forwards it as it arrives (cut-through) should not.
+
+  A big push is built at its send from a ~300 kB chunk of resources repeated, so the
+  control plane never holds a second copy.  The sizes are ``BIG_PUSH_BYTES`` and
+  ``HUGE_PUSH_BYTES``.  The ``streamed`` column is the relay's own count of responses
+  it wrote to the client as they arrived (``xdsfast_xds_streamed_responses_total``,
+  read from its /stats/prometheus; xdsfast rows only).
 
 With an ``istio-agent`` row in the run, a last table holds every other relay row against
 it (``istio-agent-tls`` for the relay TLS rows when it ran): throughput round by round,
@@ -100,7 +112,14 @@ ARRANGEMENTS = (
 )  # fmt: skip
 ISTIO_AGENT = "istio-agent"  # the row the issue's targets are against
 DEFAULT_ARRANGEMENTS = ARRANGEMENTS[:5]
-WORKLOADS = ("storm", "small", "burst", "big")
+WORKLOADS = ("storm", "small", "burst", "big", "peak_big", "peak_huge")
+BIG_WORKLOADS = WORKLOADS[3:]  # what --big runs
+# The control plane's workload for each (the big pushes for peak RSS go one at a time).
+PEER_WORKLOAD = {"peak_big": "big-acked", "peak_huge": "big-acked"}
+PUSHED = ("storm", "burst", "big")  # back to back; the others wait for each ACK
+BIG_PUSH_BYTES = 40_000_000  # --big N: N pushes of this size, and one for peak RSS
+HUGE_PUSH_BYTES = 200_000_000  # --big: one push of this size for peak RSS
+STREAMED_METRIC = "xdsfast_xds_streamed_responses_total"
 TLS_SUFFIX = "-tls"
 READY_TIMEOUT = 30.0
 MATPLOTLIB_HINT = "pip install matplotlib, or the project's bench extra"
@@ -375,8 +394,10 @@ class Settings:
     rounds: int
     arrangements: tuple[str, ...]
     relay_env: dict[str, str] = field(default_factory=dict)
-    big: int = 0  # ~20 MB pushes, for the relay's peak RSS (opt-in)
+    big: int = 0  # big pushes back to back; with any, one big and one huge for peak RSS
     burst: int = 0  # small EDS updates pushed back to back (0 in runs saved before it)
+    big_bytes: int = BIG_PUSH_BYTES
+    huge_bytes: int = HUGE_PUSH_BYTES
 
     @property
     def tls(self) -> bool:
@@ -393,6 +414,7 @@ class Relay:
     idle_rss: int | None = None
     core: str | None = None
     tls: dict[str, str] | None = None  # the client's TLS settings (direct-tls only)
+    status: str | None = None  # xdsfast's status server, HOST:PORT (its metrics)
 
 
 @dataclass
@@ -403,6 +425,8 @@ class Results:
     small: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     burst: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     big: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    peak_big: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    peak_huge: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     idle_rss: dict[str, list[int]] = field(default_factory=dict)
     cores: dict[str, str] = field(default_factory=dict)
 
@@ -443,6 +467,7 @@ class Bench:
             return self.start_istio_agent(name, tls)
         sock = self.tmp / name / "XDS"
         sock.parent.mkdir(exist_ok=True)
+        status: list[str] = []  # xdsfast's status server, from its log
         if name == "socat":
             if shutil.which("socat") is None:
                 raise BenchError("socat: not installed (Debian's socat package)")
@@ -504,8 +529,16 @@ class Bench:
                 env=env,
                 events_from="stderr",
             )  # fmt: skip
-            child.wait_line(lambda line: XDSFAST_READY in line, READY_TIMEOUT, XDSFAST_READY)
-        return Relay(name, f"unix:{sock}", child, rss(child.pid), core)
+
+            def ready(line: str) -> bool:
+                if "status server listening" in line:  # the line before: its address
+                    status.extend(f[7:] for f in line.split() if f.startswith("status="))
+                return XDSFAST_READY in line
+
+            child.wait_line(ready, READY_TIMEOUT, XDSFAST_READY)
+        relay = Relay(name, f"unix:{sock}", child, rss(child.pid), core)
+        relay.status = status[0] if status else None  # xdsfast's metrics
+        return relay
 
     def start_istio_agent(self, name: str, tls: bool) -> Relay:
         """The stock pilot-agent in a fresh working dir (its paths are relative to it)."""
@@ -536,10 +569,17 @@ class Bench:
     def run(self, relay: Relay, workload: str, count: int) -> dict[str, Any]:
         """One workload through one arrangement: peer results plus the relay's costs."""
         delta = self.s.delta
-        self.cp.send({"workload": workload, "count": count, "delta": delta})
+        peer_workload = PEER_WORKLOAD.get(workload, workload)
+        size = 0  # the big pushes' size, for the control plane
+        if workload in BIG_WORKLOADS:
+            size = self.s.huge_bytes if workload == "peak_huge" else self.s.big_bytes
+        plan = {"workload": peer_workload, "count": count, "delta": delta, "size": size}
+        self.cp.send(plan)
         planned = self.cp.expect("planned", 120)
-        per_message = {"storm": 1.0, "big": 5.0}.get(workload, 0.02)
-        timeout = 60 + count * per_message
+        timeout = 60 + count * max(0.02, planned["message_bytes"] / 5e6)  # >= 5 MB/s
+        # xdsfast's count of responses cut through (big pushes only: a scrape is not free).
+        scrape = relay.status if workload in BIG_WORKLOADS else None
+        streamed0 = streamed(scrape) if scrape else None
         pid = relay.child.pid if relay.child else None
         rss_before = rss(pid) if pid else None
         cpu0 = cpu_seconds(pid) if pid else 0.0
@@ -548,7 +588,7 @@ class Bench:
         command = {
             "op": "run",
             "target": relay.target,
-            "workload": workload,
+            "workload": peer_workload,
             "count": count,
             "delta": delta,
         }
@@ -569,10 +609,15 @@ class Bench:
         if pid and peak:
             out["peak_rss"], out["peak_rss_exact"] = peak.peak, peak.exact
             out["rss_before"], out["rss_after"] = rss_before, rss(pid)
-        if workload in ("storm", "burst"):
-            # CLOCK_MONOTONIC is system-wide on Linux.  A storm ends at the client's last
-            # read; a burst at the control plane's last ACK (its ACKs are half the traffic).
-            end = cl["t_last"] if workload == "storm" else cp["t_acked"]
+        if scrape and streamed0 is not None:
+            after = streamed(scrape)
+            if after is not None:
+                out["streamed"] = after - streamed0
+        if workload in PUSHED:
+            # CLOCK_MONOTONIC is system-wide on Linux.  A storm (big pushes too) ends at the
+            # client's last read; a burst at the control plane's last ACK (its ACKs are half
+            # the traffic).
+            end = cp["t_acked"] if workload == "burst" else cl["t_last"]
             wall = end - cp["t_start"]
             out.update(
                 wall=wall, bytes=cl["bytes"], rate=count / wall, mbps=cl["bytes"] / wall / 1e6
@@ -594,13 +639,15 @@ class Bench:
             if relay.core:
                 results.cores[name] = relay.core
             # Warm-up, not measured: first-use costs (imports, arenas, code paths).  No big
-            # warm-up: the big push's peak RSS is to be measured from where the others left it.
+            # warm-up: the big pushes' peak RSS is measured from where the others left it,
+            # the 40 MB one first, then the 200 MB one, then the big-push throughput.
             if self.s.storm:
                 self.run(relay, "storm", 2)
             self.run(relay, "small", 200)
+            peaks = 1 if self.s.big else 0
             workloads = (
                 ("storm", self.s.storm), ("small", self.s.small), ("burst", self.s.burst),
-                ("big", self.s.big),
+                ("peak_big", peaks), ("peak_huge", peaks), ("big", self.s.big),
             )  # fmt: skip
             for workload, count in workloads:
                 if count:
@@ -610,6 +657,26 @@ class Bench:
         finally:
             if relay.child:
                 self.children.stop(relay.child)
+
+
+def streamed(status: str) -> int | None:
+    """xdsfast's count of responses cut through, from its /stats/prometheus at ``status``
+    (HOST:PORT); None where it has no such counter (a build before cut-through) or does
+    not answer (the column then says so; the figures do not depend on it)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{status}/stats/prometheus", timeout=10) as reply:
+            text = reply.read().decode()
+    except OSError as exc:
+        print(f"warning: {status}/stats/prometheus: {exc}", file=sys.stderr)
+        return None
+    values = [
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith((STREAMED_METRIC + " ", STREAMED_METRIC + "{"))
+    ]
+    return int(sum(values)) if values else None
 
 
 def peers_module() -> Any:
@@ -844,13 +911,27 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             f"{_fmt(cpu_per_message(bu, 1e6), '.0f'):>21}"
         )
 
-    def big(name: str, row: dict[str, Any], bg: dict[str, Any], size: int) -> str:
-        over = bg.get("peak_over_before")
+    def over_idle(agg: dict[str, Any], size: int) -> str:
+        """RSS before (idle), peak and their difference, in MB and as a share of the push."""
+        over = agg.get("peak_over_before")
+        per = f"{over / size:.2f}x" if over is not None else "n/a"
         return (
-            f"{bg['wall']:>8.2f}{bg['p50'] * 1e3:>8.1f}"
-            f"{_fmt(cpu_per_message(bg, 1e3), '.1f'):>19}"
-            f"{mib(bg.get('rss_before')):>16}{mib(bg.get('peak_rss')):>6}"
-            f"{mib(over):>13}{_fmt(over and over / size, '.2f') + 'x' if over else 'n/a':>11}"
+            f"{mib(agg.get('rss_before')):>13}{mib(agg.get('peak_rss')):>6}"
+            f"{_fmt(over and over / mb, '.0f'):>11}{per:>11}"
+            f"{_fmt(agg.get('streamed'), '.0f', '-'):>10}"
+        )
+
+    def big(name: str, row: dict[str, Any], bg: dict[str, Any], size: int) -> str:
+        return (
+            f"{bg['wall']:>8.2f}{_fmt(bg.get('mbps'), '.0f'):>7}{bg['rate']:>10.2f}"
+            f"{ratio(bg, name)}"
+            f"{_fmt(cpu_per_message(bg, 1e3), '.1f'):>19}{over_idle(bg, size)}"
+        )
+
+    def peak(name: str, row: dict[str, Any], pk: dict[str, Any], size: int) -> str:
+        return (
+            f"{pk['wall']:>8.2f}{ratio(pk, name)}"
+            f"{_fmt(cpu_per_message(pk, 1e3), '.1f'):>19}{over_idle(pk, size)}"
         )
 
     section(
@@ -881,14 +962,24 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
         f"{'wall s':>8}{'updates/s':>11}{ratio_head}{'relay CPU us/update':>21}",
         burst,
     )
+    over_head = f"{'RSS MB: idle':>13}{'peak':>6}{'over idle':>11}{'/ message':>11}{'streamed':>10}"
+    for workload in ("peak_big", "peak_huge"):
+        section(
+            workload,
+            lambda size: (
+                f"one big push: {size / 1e6:.1f} MB CDS ({flavour}), ACKed; relay peak RSS "
+                "over idle (its RSS just before; max over rounds; target <= 16 MB)"
+            ),
+            f"{'wall s':>8}{ratio_head}{'relay CPU ms/push':>19}{over_head}",
+            peak,
+        )
     section(
         "big",
         lambda size: (
-            f"big push: {s.big} x {size / 1e6:.1f} MB CDS ({flavour}), each ACKed "
-            "before the next; relay peak RSS over its RSS just before (max over rounds)"
+            f"big pushes: {s.big} x {size / 1e6:.1f} MB CDS ({flavour}), back to back as "
+            "istiod pushes, each read and ACKed (target >= 0.85x direct)"
         ),
-        f"{'wall s':>8}{'p50 ms':>8}{'relay CPU ms/push':>19}"
-        f"{'RSS MB: before':>16}{'peak':>6}{'peak-before':>13}{'/ message':>11}",
+        f"{'wall s':>8}{'MB/s':>7}{'pushes/s':>10}{ratio_head}{'relay CPU ms/push':>19}{over_head}",
         big,
     )
     versus_agent(lines, summary, w)
@@ -954,6 +1045,13 @@ def _footnotes(summary: dict[str, dict[str, Any]]) -> list[str]:
             "response -> ACK round trip crosses the relay twice (response down, ACK up): the "
             'issue\'s "added latency, request -> response, p50 <= 50 us"'
         )
+    if any(w in row for row in summary.values() for w in BIG_WORKLOADS):
+        notes.append(
+            "big pushes: idle is the relay's RSS just before the workload, at rest; peak is its "
+            "VmHWM, reset before the workload; streamed: responses the relay wrote to the client "
+            f"as they arrived (its {STREAMED_METRIC}; '-': not an xdsfast row, or a build "
+            "without the counter)"
+        )
     tls_rows = [n for n in summary if n.endswith(TLS_SUFFIX) and n != "direct-tls"]
     if tls_rows:
         base = {summary[n].get("baseline") for n in tls_rows}
@@ -983,7 +1081,7 @@ def write_png(
     names = list(summary)
     sizes = {
         w: next(summary[n][w]["message_bytes"] for n in names if w in summary[n])
-        for w in ("storm", "small", "burst")
+        for w in ("storm", "small", "burst", "big")
         if any(w in summary[n] for n in names)
     }
     panels: list[tuple[str, str, str]] = []
@@ -998,6 +1096,9 @@ def write_png(
         what = f"{s.burst} x {sizes['burst']} B EDS pushed"
         panels.append(("burst", "ratio", f"pushed updates ({what})\nupdates/s vs direct"))
         panels.append(("burst", "cpu", "relay CPU per pushed update + ACK\n(µs, lower is better)"))
+    if "big" in sizes:
+        what = f"{s.big} x {sizes['big'] / 1e6:.0f} MB CDS pushed"
+        panels.append(("big", "ratio", f"big pushes ({what})\npushes/s vs direct"))
     if not panels:
         raise BenchError("no storm or small-update results to chart")
     cols = min(3, len(panels))  # three a row: five panels stay readable
@@ -1074,9 +1175,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=0,
         metavar="N",
-        help="also N pushes of ~20 MB, each ACKed: the relay's peak RSS over its RSS before "
+        help=f"also N pushes of {BIG_PUSH_BYTES / 1e6:.0f} MB back to back (throughput vs "
+        f"direct), and one of {BIG_PUSH_BYTES / 1e6:.0f} MB and one of "
+        f"{HUGE_PUSH_BYTES / 1e6:.0f} MB, each ACKed: the relay's peak RSS over idle "
         "(default 0: skipped)",
     )
+    # The big pushes' size in bytes (the huge one is 5 times it): for the smoke test only.
+    p.add_argument("--big-size", type=int, default=BIG_PUSH_BYTES, help=argparse.SUPPRESS)
     p.add_argument(
         "--rounds",
         type=int,
@@ -1175,6 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
         arrangements=args.arrangements,
         relay_env=dict(item.split("=", 1) for item in args.relay_env),
         big=max(0, args.big),
+        big_bytes=max(1, args.big_size),
+        huge_bytes=max(1, args.big_size) * (HUGE_PUSH_BYTES // BIG_PUSH_BYTES),
     )
     signal.signal(signal.SIGTERM, _terminate)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
@@ -1199,10 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": elapsed,
             "summary": summary,
             "runs": {
-                "storm": results.storm,
-                "small": results.small,
-                "burst": results.burst,
-                "big": results.big,
+                **{w: getattr(results, w) for w in WORKLOADS},
                 "idle_rss": results.idle_rss,
             },
         }

@@ -1,6 +1,7 @@
-"""Smoke tests of the benchmarks' rows against Istio's own agent: each runs at a tiny size
-and reports sane fields.  They measure nothing (no figure is checked against a target):
-they keep the istio-agent relay row and the DNS side by side from rotting between runs.
+"""Smoke tests of the benchmarks' rows against Istio's own agent, and of relay_bench's big
+pushes: each runs at a tiny size and reports sane fields.  They measure nothing (no figure
+is checked against a target): they keep the istio-agent relay row, the big-push workloads
+and the DNS side by side from rotting between runs.
 
 The stock pilot-agent comes from :func:`istio_peers.peers` (built once per session; no Go
 toolchain: the tests ERROR and say so; ``XDSFAST_SKIP_ISTIO=1`` skips them).
@@ -18,6 +19,11 @@ from istio_peers import Peers, peers
 from support import load_benchmark
 
 pytestmark = pytest.mark.slow
+
+
+# Big pushes at 1.5 MiB (the huge one 5 times that): cut through by the fast engine, which
+# streams a response from THROUGH_MIN (1 MiB) on, yet quick everywhere.
+TINY_BIG = 3 << 19
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +50,7 @@ def test_relay_bench_istio_agent_row(
     out = tmp_path / "run.json"
     rows = "direct,xdsfast-fast,istio-agent,direct-tls,istio-agent-tls"
     argv = ["--storm", "2", "--small", "30", "--burst", "30", "--big", "1", "--rounds", "1"]
+    argv += ["--big-size", str(TINY_BIG)]  # the stock agent decodes each push: keep them small
     argv += ["--only", rows, "--json", str(out), *(["--delta"] if delta else [])]
     assert relay_bench.main(argv) == 0
     printed = capsys.readouterr().out
@@ -53,12 +60,11 @@ def test_relay_bench_istio_agent_row(
         row = summary[name]
         assert row["core"] == "stock pilot-agent (Go)"
         assert row["idle_rss"] > 0
-        for workload in ("storm", "small", "burst", "big"):
+        for workload in relay_bench.WORKLOADS:
             agg = row[workload]
             assert agg["count"] > 0 and agg["rate"] > 0, (name, workload, agg)
             assert agg["peak_rss"] > 0 and agg["relay_cpu"] >= 0, (name, workload, agg)
-            if workload != "big":  # big reports its peak RSS, not a ratio
-                assert agg["ratio"] > 0, (name, workload, agg)
+            assert agg["ratio"] > 0, (name, workload, agg)
         # Two ~5 MB pushes decoded and re-encoded by a Go process: CPU ticks, always.
         assert row["storm"]["relay_cpu"] > 0
         assert isinstance(row["small"]["added_p50"], float)
@@ -67,10 +73,53 @@ def test_relay_bench_istio_agent_row(
     versus = summary["xdsfast-fast"]["vs_agent"]
     assert versus["agent"] == "istio-agent"
     assert versus["idle_rss"] > 0
-    for workload in ("storm", "small", "burst", "big"):
+    for workload in relay_bench.WORKLOADS:
         assert versus[workload]["rate"] > 0
         assert versus[workload]["peak_rss"] > 0
     assert "vs_agent" not in summary["istio-agent"]
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_relay_bench_big_pushes_tiny(
+    delta: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--big`` at a tiny size: the big-push throughput (a ratio to direct) and the peak
+    RSS over idle of one big and one huge push, per row, in the JSON and the tables; the
+    fast engine's row counts every big push cut through, the grpcio engine's none (it
+    stores and forwards): the figures are of the path they claim."""
+    from xdsfast.engines.fast.protocol import THROUGH_MIN
+
+    assert TINY_BIG > THROUGH_MIN  # else the fast engine holds them whole: nothing to see
+    relay_bench = load_benchmark("relay_bench")
+    out = tmp_path / "run.json"
+    argv = ["--storm", "0", "--small", "0", "--burst", "0", "--big", "2", "--rounds", "2"]
+    argv += ["--big-size", str(TINY_BIG), "--only", "direct,xdsfast-fast,xdsfast"]
+    argv += ["--json", str(out), *(["--delta"] if delta else [])]
+    assert relay_bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("one big push:") == 2 and "big pushes: 2 x" in printed
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["huge_bytes"] == 5 * TINY_BIG
+    summary: dict[str, Any] = payload["summary"]
+    assert set(summary) == {"direct", "xdsfast-fast", "xdsfast"}
+    sizes = {"big": TINY_BIG, "peak_big": TINY_BIG, "peak_huge": 5 * TINY_BIG}
+    for name, row in summary.items():
+        assert not any(w in row for w in ("storm", "small", "burst")), (name, row)
+        for workload, size in sizes.items():
+            agg = row[workload]
+            assert agg["count"] == (2 if workload == "big" else 1), (name, workload, agg)
+            assert 0.7 * size < agg["message_bytes"] < 1.3 * size, (name, workload, agg)
+            assert agg["rate"] > 0 and agg["ratio"] > 0, (name, workload, agg)
+            if name == "direct":
+                assert "peak_rss" not in agg and "streamed" not in agg, (name, workload, agg)
+                continue
+            assert agg["peak_rss"] > 0 and agg["rss_before"] > 0, (name, workload, agg)
+            assert agg["peak_over_before"] == pytest.approx(
+                max(r["peak_rss"] - r["rss_before"] for r in payload["runs"][workload][name])
+            )
+            streamed = agg["count"] if name == "xdsfast-fast" else 0
+            assert agg["streamed"] == streamed, (name, workload, agg)
+    assert summary["xdsfast-fast"]["big"]["mbps"] > 0
 
 
 def test_dns_side_by_side_tiny(agent_binary: Path) -> None:
