@@ -1,20 +1,20 @@
-"""The relay's memory for one ~20 MB push: it should track the largest in-flight message.
+"""The relay's memory for one big push: a relay that holds each push whole grows with it;
+the fast engine, which writes a big response to Envoy as it arrives (cut-through),
+should not.  Two views, both for each engine:
 
-The issue: "the relay's peak RSS tracks the largest in-flight message, not the push
-rate".  Two views, both for each engine:
-
-* ``RelayPeakMemory.peakmem_push_20mb``: asv's ``peakmem_`` is the benchmark process's
-  own peak RSS (ru_maxrss, setup included; asv starts a fresh process per parameter),
-  so everything runs in-process on one uvloop loop: a tiny control plane (xdsfast's
-  fast HTTP/2 server, raw bytes) holding the one ~20 MB CDS response, the relay (an
-  ``Agent`` built from a ``Config``, as ``xdsfast run`` does) and an Envoy-like client
-  (the fast dialer) that reads it, drops it at once and ACKs.  ``direct`` is the same
-  without the relay: the client and the control plane's own share (the payload held
-  once, the client's one received copy, the imports).  ``grpcio``/``fast`` minus
-  ``direct`` is the relay's cost, including the engine's imports (grpcio's are large).
-* ``RelayBigPushRss.track_*``: the relay as its own process (``relay_bench``'s
-  ``--big`` workload, peers in other processes): its peak RSS during one ~20 MB push
-  over its RSS just before (the kernel's VmHWM), in MiB and per message byte.
+* ``RelayPeakMemory.peakmem_push_20mb`` and ``RelayPeakMemoryHuge.peakmem_push_200mb``:
+  asv's ``peakmem_`` is the benchmark process's own peak RSS (ru_maxrss, setup
+  included; asv starts a fresh process per parameter), so everything runs in-process
+  on one uvloop loop: a tiny control plane (xdsfast's fast HTTP/2 server, raw bytes)
+  holding the one ~20 MB (~200 MB) CDS response, the relay (an ``Agent`` built from a
+  ``Config``, as ``xdsfast run`` does) and an Envoy-like client (the fast dialer) that
+  reads it, drops it at once and ACKs.  ``direct`` is the same without the relay: the
+  client and the control plane's own share (the payload held once, the client's one
+  received copy, the imports).  ``grpcio``/``fast`` minus ``direct`` is the relay's
+  cost, including the engine's imports (grpcio's are large).
+* ``RelayBigPushRss.track_*``: the relay as its own process (``relay_bench --big 1``,
+  peers in other processes): its peak RSS during one 40 MB and one 200 MB push over
+  its idle RSS just before (the kernel's VmHWM), in MiB and per message byte.
 
 Run just these: ``asv run --python=same --quick -b bench_relay_memory``; or
 ``python benchmarks/bench_relay_memory.py`` for the in-process numbers side by side
@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 SIZE = 20_000_000
+HUGE_SIZE = 200_000_000  # relay_bench's HUGE_PUSH_BYTES
 DISTINCT_CLUSTERS = 256  # repeated to SIZE: cheap to build, one allocation
 ENGINES = ["direct", "grpcio", "fast"]
 MIB = 1024 * 1024
@@ -118,8 +119,8 @@ async def push_once(payload: bytes, relay: str, workdir: Path) -> int:
         try:
             await client.send(_initial_request())
             data = await client.recv()
-            if data is None:
-                raise RuntimeError("the stream ended before the push")
+            if not isinstance(data, bytes):  # a client never asks for cut-through
+                raise RuntimeError(f"the stream ended before the push ({data!r})")
             size = len(data)
             ack = _ack(data)
             del data  # Envoy would decode it; here it is dropped at once
@@ -147,79 +148,109 @@ def run_push(payload: bytes, relay: str) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-class RelayPeakMemory:
-    """Peak RSS of one process: control plane + relay + client, one ~20 MB push."""
+class _OnePush:
+    """One push of ``size`` bytes in one process (no benchmark of its own)."""
 
     params: ClassVar = ENGINES
     param_names: ClassVar = ["relay"]
-    timeout = 120
+    size = SIZE
 
     def setup(self, relay: str) -> None:
-        self.payload = big_response()
+        self.payload = big_response(self.size)
         import xdsfast.agent  # noqa: F401  # every parameter pays the same imports
 
-    def peakmem_push_20mb(self, relay: str) -> None:
+    def push(self, relay: str) -> None:
         received = run_push(self.payload, relay)
         assert received == len(self.payload), (received, len(self.payload))
 
 
-class RelayBigPushRss:
-    """The relay process's peak RSS over its RSS before one ~20 MB push (relay_bench --big)."""
+class RelayPeakMemory(_OnePush):
+    """Peak RSS of one process: control plane + relay + client, one ~20 MB push."""
 
-    params: ClassVar = ["grpcio", "fast"]
-    param_names: ClassVar = ["engine"]
+    timeout = 120
+
+    def peakmem_push_20mb(self, relay: str) -> None:
+        self.push(relay)
+
+
+class RelayPeakMemoryHuge(_OnePush):
+    """The same with one ~200 MB push: the control plane's payload and the client's copy
+    make 400 MB of ``direct``; a relay that holds the push whole adds 200 MB or more,
+    one that writes it on as it arrives (fast) a few MB."""
+
     timeout = 300
+    size = HUGE_SIZE
+
+    def peakmem_push_200mb(self, relay: str) -> None:
+        self.push(relay)
+
+
+class RelayBigPushRss:
+    """The relay process's peak RSS over idle during one big push (relay_bench --big 1):
+    one 40 MB and one 200 MB, each after a VmHWM reset."""
+
+    params: ClassVar = (["grpcio", "fast"], ["40MB", "200MB"])
+    param_names: ClassVar = ["engine", "push"]
+    timeout = 600
     ROWS: ClassVar = {"grpcio": "xdsfast", "fast": "xdsfast-fast"}
+    WORKLOAD: ClassVar = {"40MB": "peak_big", "200MB": "peak_huge"}
 
     def setup_cache(self) -> dict[str, dict[str, Any]]:
         from . import relay_bench
 
         settings = relay_bench.Settings(
-            storm=0, small=0, big=1, delta=False, rounds=1, arrangements=tuple(self.ROWS.values())
-        )
+            storm=0, small=0, burst=0, big=1, delta=False, rounds=1,
+            arrangements=tuple(self.ROWS.values()),
+        )  # fmt: skip
         results = relay_bench.run_bench(settings)
         return relay_bench.summarize(results, settings.arrangements)
 
-    def track_big_push_peak_rss_over_before(self, cache: dict[str, Any], engine: str) -> float:
-        return float(cache[self.ROWS[engine]]["big"]["peak_over_before"] / MIB)
+    def _push(self, cache: dict[str, Any], engine: str, push: str) -> dict[str, Any]:
+        agg: dict[str, Any] = cache[self.ROWS[engine]][self.WORKLOAD[push]]
+        return agg
 
-    def track_big_push_peak_rss_per_message(self, cache: dict[str, Any], engine: str) -> float:
-        big = cache[self.ROWS[engine]]["big"]
-        return float(big["peak_over_before"] / big["message_bytes"])
+    def track_peak_rss_over_idle(self, cache: dict[str, Any], engine: str, push: str) -> float:
+        return float(self._push(cache, engine, push)["peak_over_before"] / MIB)
 
-    track_big_push_peak_rss_over_before.unit = "MiB"  # type: ignore[attr-defined]
-    track_big_push_peak_rss_per_message.unit = "x message"  # type: ignore[attr-defined]
+    def track_peak_rss_per_message(self, cache: dict[str, Any], engine: str, push: str) -> float:
+        agg = self._push(cache, engine, push)
+        return float(agg["peak_over_before"] / agg["message_bytes"])
+
+    track_peak_rss_over_idle.unit = "MiB"  # type: ignore[attr-defined]
+    track_peak_rss_per_message.unit = "x message"  # type: ignore[attr-defined]
 
 
-def _child(relay: str) -> None:
-    """One parameter in this (fresh) process: print the peak RSS in MiB."""
-    bench = RelayPeakMemory()
+def _child(relay: str, size: int) -> None:
+    """One parameter in this (fresh) process, as asv runs it: print the peak RSS in MiB."""
+    bench = RelayPeakMemoryHuge() if size == HUGE_SIZE else RelayPeakMemory()
     bench.setup(relay)
     setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    bench.peakmem_push_20mb(relay)
+    bench.push(relay)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{relay} {setup_peak:.1f} {peak:.1f}")
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _child(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]))
         return 0
-    peaks: dict[str, float] = {}
-    print(f"one ~{SIZE / 1e6:.0f} MB CDS push, everything in one process (peak RSS, MiB)")
-    print(f"{'relay':<8}{'after setup':>13}{'peak':>8}{'over direct':>13}")
-    for relay in ENGINES:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", relay],
-            capture_output=True, text=True, check=False, timeout=300,
-        )  # fmt: skip
-        if out.returncode != 0:
-            print(f"{relay}: failed\n{out.stderr.strip()}", file=sys.stderr)
-            return 1
-        _, setup_peak, peak = out.stdout.split()
-        peaks[relay] = float(peak)
-        over = f"{peaks[relay] - peaks['direct']:+.1f}" if relay != "direct" else "-"
-        print(f"{relay:<8}{float(setup_peak):>13.1f}{float(peak):>8.1f}{over:>13}")
+    for size in (SIZE, HUGE_SIZE):
+        peaks: dict[str, float] = {}
+        print(f"one ~{size / 1e6:.0f} MB CDS push, everything in one process (peak RSS, MiB)")
+        print(f"{'relay':<8}{'after setup':>13}{'peak':>8}{'over direct':>13}")
+        for relay in ENGINES:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", relay, str(size)],
+                capture_output=True, text=True, check=False, timeout=600,
+            )  # fmt: skip
+            if out.returncode != 0:
+                print(f"{relay}: failed\n{out.stderr.strip()}", file=sys.stderr)
+                return 1
+            _, setup_peak, peak = out.stdout.split()
+            peaks[relay] = float(peak)
+            over = f"{peaks[relay] - peaks['direct']:+.1f}" if relay != "direct" else "-"
+            print(f"{relay:<8}{float(setup_peak):>13.1f}{float(peak):>8.1f}{over:>13}")
+        print()
     return 0
 
 
