@@ -27,8 +27,9 @@ def framed(body: bytes) -> bytes:
 
 
 class Judge:
-    """Says ``verdict`` once it has seen ``after`` bytes (None before), and after a yes
-    refuses the rest once it has seen ``refuse_at`` bytes; logs every chunk."""
+    """Says ``verdict`` once it has seen ``after`` bytes (None before); after a yes, its
+    ``scan`` refuses the rest (raises) once it has seen ``refuse_at`` bytes; logs every
+    chunk."""
 
     def __init__(self, after: int, verdict: bool, refuse_at: int | None = None) -> None:
         self.after, self.verdict, self.refuse_at = after, verdict, refuse_at
@@ -36,13 +37,17 @@ class Judge:
         self.said: bool | None = None
 
     def feed(self, chunk: bytes) -> bool | None:
-        assert type(chunk) is bytes
+        assert type(chunk) is bytes and self.said is None
         self.seen += chunk
-        if self.said is True and self.refuse_at is not None and len(self.seen) >= self.refuse_at:
-            return False
-        if self.said is None and len(self.seen) >= self.after:
+        if len(self.seen) >= self.after:
             self.said = self.verdict
         return self.said
+
+    def scan(self, chunk: bytes) -> None:
+        assert type(chunk) is bytes and self.said is True
+        self.seen += chunk
+        if self.refuse_at is not None and len(self.seen) >= self.refuse_at:
+            raise ValueError("refused")
 
 
 def payload_of(frames: list[bytes], stream_id: int, max_frame: int) -> bytes:

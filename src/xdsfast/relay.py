@@ -129,12 +129,14 @@ _FLAVOURS = {mode: _Flavour(mode) for mode in Mode}
 class _Head:
     """Judges one big response as it arrives (``engines.Head``): it may go to Envoy as it
     comes when its first resource is of a type forwarded unchanged; the scanner then reads
-    the rest for what the whole-message peek would say, and a malformed byte stops it."""
+    the rest (``scan``, its own compiled ``feed``) for what the whole-message peek would
+    say, and a malformed byte (WireError) stops it."""
 
-    __slots__ = ("forwarded", "scanner", "type_url")
+    __slots__ = ("forwarded", "scan", "scanner", "type_url")
 
     def __init__(self, scanner: wire.ResponseScanner, forwarded: Callable[[str], bool]) -> None:
         self.scanner = scanner
+        self.scan = scanner.feed
         self.forwarded = forwarded
         self.type_url = ""  # the first resource's type, once said yes
 
@@ -143,9 +145,7 @@ class _Head:
         try:
             scanner.feed(chunk)
         except (wire.WireError, ValueError):  # (ValueError: past its length, an engine bug)
-            return False  # held whole, the peek reports it; or, on the way, stopped
-        if self.type_url:
-            return True
+            return False  # held whole: the peek reports it
         first = scanner.first_resource_type
         if first is None:
             return None if scanner.fed < HEAD_MAX else False

@@ -96,9 +96,13 @@ class Head(Protocol):
     """The relay's judge of one big message, fed its bytes as they arrive."""
 
     def feed(self, chunk: bytes) -> bool | None:
-        """The next bytes: True, relay the message as it comes; False, hold it whole (or,
-        once it is being relayed, stop it: it must not reach Envoy complete); None, not
-        known yet.  Never raises."""
+        """The next bytes of the head: True, relay the message as it comes; False, hold
+        it whole; None, not known yet.  Never raises."""
+
+    @property
+    def scan(self) -> Callable[[bytes], object]:
+        """Reads each later chunk once ``feed`` said yes; raising stops the message (it
+        must not reach Envoy complete).  A compiled call: it runs per DATA frame."""
 
 
 # Called at the prefix of each message of the engine's cut-through size or more: its

@@ -11,6 +11,9 @@
 #   StreamCore -> bad_message(error, length)     a message it cannot take (1: compressed,
 #                                                2: longer than max_len)
 #                 sink_failed(exc)               the relay's sink raised; it is dropped
+#                 pump_through(through) -> bool  (on a Through's writer: the other side's
+#                                                stream) bytes came: write what fits now;
+#                                                False: wake it (done, or it must wait)
 #   ConnCore   -> on_frame(view, ftype, flags, sid, start, end)
 #                                                every frame but plain DATA and WINDOW_UPDATE
 #                 on_end_stream(stream)          END_STREAM on DATA
@@ -37,12 +40,15 @@ cdef class StreamCore
 cdef class Through:
     cdef public StreamCore stream  # the source, credited as bytes are taken (then None)
     cdef readonly Py_ssize_t length  # the whole message with its 5-byte prefix
-    cdef readonly object head  # the relay's judge, fed every byte
+    cdef readonly object head  # the relay's judge: it said yes on the head
+    cdef object _scan  # head.scan: reads every later byte (raising: the rest is refused)
     cdef object chunks  # deque of bytes received, not taken
     cdef Py_ssize_t offset  # bytes of chunks[0] already taken
     cdef readonly Py_ssize_t received, taken
     cdef public bint failed  # the judge refused it on the way
     cdef public double arrived  # perf_counter() when its last byte came
+    cdef public object writer  # the other side's stream while it waits for bytes, or None
+    cdef public Py_ssize_t until  # ...and how far it writes
 
     cdef int _push(self, const uint8_t* p, Py_ssize_t n) except -1
 

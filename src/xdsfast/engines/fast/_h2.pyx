@@ -128,19 +128,23 @@ cdef class Through:
     queued as they come from the source stream until the writer takes them as DATA frames
     for the other side.  What is queued is pinned: the source's window credits it only
     once taken (``frames``), so a slow writer holds at most the source's windows.  Every
-    byte goes through the judge (``head.feed``); a refusal on the way (False) marks it
-    ``failed``, drops what comes after, and the writer stops."""
+    byte after the head goes to the judge's ``scan`` (a compiled call, not a Python frame
+    per DATA frame); if it raises, the Through is ``failed``, what comes after is dropped,
+    and the writer stops."""
 
     def __init__(self, StreamCore stream, Py_ssize_t length, head, bytes first not None):
         self.stream = stream
         self.length = length
         self.head = head
+        self._scan = head.scan
         self.chunks = deque((first,))
         self.offset = 0
         self.received = PyBytes_GET_SIZE(first)
         self.taken = 0
         self.failed = False
         self.arrived = 0.0
+        self.writer = None
+        self.until = 0
 
     def __len__(self):
         return self.length
@@ -151,7 +155,9 @@ cdef class Through:
             return 0  # (credited with the rest of what the stream holds)
         self.received += n
         chunk = PyBytes_FromStringAndSize(<const char*>p, n)
-        if self.head.feed(chunk) is False:
+        try:
+            self._scan(chunk)
+        except Exception:
             self.failed = True
             return 0
         self.chunks.append(chunk)
@@ -542,7 +548,11 @@ cdef class StreamCore:
             if not self.reading and self._count_unread(messages):
                 return 0  # over the budget: reset
         elif through is not None and through.received != received:
-            StreamCore._wake_receiver(self)  # the writer of a cut-through message waits
+            # The writer of a cut-through message waits: what fits goes out from here (no
+            # task switch a read); it wakes when done, or when it must wait for the windows.
+            writer = through.writer
+            if writer is None or not writer.pump_through(through):
+                StreamCore._wake_receiver(self)
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:

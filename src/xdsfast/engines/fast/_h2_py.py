@@ -89,29 +89,34 @@ class Through:
     prefix first, queued as they come from the source stream until the writer takes them
     as DATA frames for the other side."""
 
-    __slots__ = ("arrived", "chunks", "failed", "head", "length", "offset", "received",
-                 "stream", "taken")  # fmt: skip
+    __slots__ = ("_scan", "arrived", "chunks", "failed", "head", "length", "offset",
+                 "received", "stream", "taken", "until", "writer")  # fmt: skip
 
     def __init__(self, stream: StreamCore | None, length: int, head: Any, first: bytes) -> None:
         self.stream = stream  # the source, to credit what is taken (None once all is taken)
         self.length = length  # the whole message with its 5-byte prefix
-        self.head = head  # the relay's judge, fed every byte (``Head``)
+        self.head = head  # the relay's judge (``Head``): it said yes on the head
+        self._scan = head.scan  # reads every later byte; raising: the rest is refused
         self.chunks: deque[bytes] = deque((first,))
         self.offset = 0  # bytes of chunks[0] already taken
         self.received = len(first)
         self.taken = 0
         self.failed = False  # the judge refused it on the way: it must not be completed
         self.arrived = 0.0  # perf_counter() when its last byte came
+        self.writer: Any = None  # the other side's stream while it waits for bytes
+        self.until = 0  # ...and how far it writes
 
     def __len__(self) -> int:
         return self.length
 
     def _push(self, chunk: bytes) -> None:
-        """The next bytes from the source; the judge sees them (a refusal: ``failed``)."""
+        """The next bytes from the source; the judge reads them (raising: ``failed``)."""
         if self.failed:
             return  # (credited with the rest of what the stream holds)
         self.received += len(chunk)
-        if self.head.feed(chunk) is False:
+        try:
+            self._scan(chunk)
+        except Exception:
             self.failed = True
             return
         self.chunks.append(chunk)
@@ -374,6 +379,10 @@ class StreamCore:
     def sink_failed(self, exc: Exception) -> None:
         raise NotImplementedError
 
+    # (called on a Through's writer: the other side's stream)
+    def pump_through(self, through: Through) -> bool:
+        raise NotImplementedError
+
     def on_payload(self, buf: Buffer, start: int, end: int) -> None:
         """``buf[start:end]``: DATA payload (any part of a frame; flow control is done)."""
         if self.error is not None or self.closed:
@@ -390,7 +399,10 @@ class StreamCore:
             if not self.reading and self._count_unread(messages):
                 return  # over the budget: reset
         elif through is not None and through.received != received:
-            self._wake_receiver()  # the writer of a cut-through message waits for more
+            # The writer of a cut-through message waits (see ``_h2.pyx``).
+            writer = through.writer
+            if writer is None or not writer.pump_through(through):
+                self._wake_receiver()
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:

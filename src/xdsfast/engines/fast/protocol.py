@@ -223,38 +223,67 @@ class Stream(_h2.StreamCore):
         credited for what is written, so istiod sends no faster than Envoy reads.  Not
         ``whole``: all but the last byte, returning once every byte has arrived (so the
         relay can check the message before Envoy has it whole); ``whole``: the rest.
+        While it waits for bytes, the source's read callback writes them (``pump_through``).
         Raises SourceError when the source fails first (or the judge refused the rest)."""
         conn = self.conn
         source = through.stream
         length = through.length
-        until = length if whole else length - 1
-        while through.taken < until or through.received < length:
-            if through.failed:
-                raise SourceError(Status(Code.INTERNAL, "the rest of the message was refused"))
-            if self.closed or conn.closed:
-                raise self.failure() if self.error else StreamError(conn.lost_status())
-            ready = min(through.received, until) - through.taken
-            if ready <= 0:
+        through.until = until = length if whole else length - 1
+        try:
+            while through.taken < until or through.received < length:
+                if through.failed:
+                    raise SourceError(Status(Code.INTERNAL, "the rest of the message was refused"))
+                if self.closed or conn.closed:
+                    raise self.failure() if self.error else StreamError(conn.lost_status())
+                if self._pump(through):
+                    continue
+                if min(through.received, until) > through.taken:  # ready: the windows wait
+                    if conn.write_paused:
+                        await conn.drain()
+                    else:
+                        await conn.wait_window()
+                    continue
                 assert source is not None  # (let go only once all is taken)
                 if source.error is not None:
                     raise SourceError(source.error.status)
                 if source.ended or source.closed:
                     raise SourceError(Status(Code.UNAVAILABLE, "the stream ended inside a message"))
+                through.writer = self
                 waiter = source._waiter = conn.loop.create_future()
                 await waiter
-                continue
-            window = min(self.send_window, conn.send_window)
-            if window <= 0:
-                await conn.wait_window()
-                continue
-            if conn.write_paused:
-                await conn.drain()
-                continue
-            count = min(ready, window, THROUGH_WRITE)
+        finally:
+            through.writer = None
+
+    def _pump(self, through: _h2.Through) -> bool:
+        """Write what of ``through`` is ready and fits now; True if anything was."""
+        conn = self.conn
+        wrote = False
+        while not (self.closed or conn.closed or conn.write_paused):
+            count = min(
+                min(through.received, through.until) - through.taken,
+                self.send_window,
+                conn.send_window,
+                THROUGH_WRITE,
+            )
+            if count <= 0:
+                break
             self.send_window -= count
             conn.send_window -= count
             conn.sent_data = True
             conn.writelines(through.frames(count, self.id, conn.peer_max_frame))
+            wrote = True
+        return wrote
+
+    def pump_through(self, through: _h2.Through) -> bool:
+        """The source's read callback brought bytes while ``write_through`` waits: write
+        what fits now, and say whether the writer may sleep on (all that came is written,
+        more is to come) rather than be woken (no task switch a read)."""
+        self._pump(through)
+        return (
+            not through.failed
+            and through.received < through.length
+            and through.taken == min(through.received, through.until)
+        )
 
 
 # -- connection ------------------------------------------------------------------------------
