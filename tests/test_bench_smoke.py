@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 # Big pushes at 1.5 MiB (the huge one 5 times that): cut through by the fast engine, which
 # streams a response from THROUGH_MIN (1 MiB) on, yet quick everywhere.
-TINY_BIG = 3 << 19
+TINY_BIG = 9 << 20  # over the fast engine's cut-through size (8 MiB)
 
 
 @pytest.fixture(scope="session")

@@ -243,12 +243,14 @@ async def test_big_pushes_arrive_once_in_order_on_either_engine(
     clients: list[AdsClient],
     engine: str,
     delta: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Cut-through (fast) or held whole (grpcio), the client gets the same responses in
     the same order; a big NameTable is still consumed (held whole), never forwarded."""
+    monkeypatch.setattr(protocol, "THROUGH_MIN", 1 << 20)
     control_plane.set_mesh(mesh.sample_mesh(listener_port=15001, backend_port=8080))
     table = mesh.sample_name_table()
-    for i in range(20_000):  # ~1.4 MB: over THROUGH_MIN
+    for i in range(20_000):  # ~1.4 MB: over THROUGH_MIN (1 MiB here)
         table.table[f"host-{i}.ns.svc.cluster.local"].ips.append(f"10.9.{i >> 8}.{i & 255}")
     control_plane.set_name_table(table)
     agent = await make_agent(discovery_address=control_plane.address)
@@ -257,7 +259,7 @@ async def test_big_pushes_arrive_once_in_order_on_either_engine(
     assert (await client.recv()).type_url == LISTENER
     await agent.dns_table.wait_updates(1)
     assert "host-19999.ns.svc.cluster.local" in agent.dns_table.hosts()
-    clusters = mesh.big_cds(1500)  # ~1.8 MB
+    clusters = mesh.big_cds(1500)  # ~1.8 MB: over THROUGH_MIN, lowered to 1 MiB here
     control_plane.set_resources(CLUSTER, clusters)
     await client.request(CLUSTER)
     first = await client.recv()

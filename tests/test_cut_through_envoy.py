@@ -37,6 +37,7 @@ from support import MODES, free_port, needs_envoy
 from test_wasm import MODULE_SHA, ModuleServer, ecds_listener, extension
 
 from xdsfast.agent import Agent
+from xdsfast.engines.fast import protocol
 from xdsfast.engines.fast.protocol import THROUGH_MIN
 from xdsfast.peers import mesh
 from xdsfast.peers.backend import http_get
@@ -225,12 +226,18 @@ async def side_with_traffic(sidecar: SidecarFactory, delta: bool) -> Sidecar:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("delta", MODES)
 async def test_name_table_and_ecds_between_big_pushes(
-    delta: bool, engine: str, sidecar: SidecarFactory, modules: ModuleServer
+    delta: bool,
+    engine: str,
+    sidecar: SidecarFactory,
+    modules: ModuleServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """All four are queued at once, in this order: 40 MB CDS, a NameTable and a Wasm ECDS
-    response (over ``THROUGH_MIN`` both, so the judge is asked and must say no), 200 MB CDS.
-    The agent consumes the NameTable (and ACKs it itself), rewrites the ECDS response (the
-    module cannot be fetched: deny-all RBAC), and relays the rest; Envoy ACKs each."""
+    response (over the cut-through size, lowered to 1 MiB here, both: so the judge is asked
+    and must say no), 200 MB CDS.  The agent consumes the NameTable (and ACKs it itself),
+    rewrites the ECDS response (the module cannot be fetched: deny-all RBAC), and relays
+    the rest; Envoy ACKs each."""
+    monkeypatch.setattr(protocol, "THROUGH_MIN", MB)
     side = await side_with_traffic(sidecar, delta)
     cp, agent = side.cp, side.agent
     streamed = side.streamed()
@@ -238,7 +245,7 @@ async def test_name_table_and_ecds_between_big_pushes(
     consumed = agent.metrics.consumed_responses.get("applied")
     table = mesh.big_name_table(16_000)
     wasm = big_wasm_extension(modules.url("/fail"), 2 * MB)
-    assert table.ByteSize() >= THROUGH_MIN and wasm.ByteSize() >= THROUGH_MIN
+    assert table.ByteSize() >= MB and wasm.ByteSize() >= MB
 
     first = side.push_big(40 * MB, "before", clusters=100)
     nds = cp.set_name_table(table)

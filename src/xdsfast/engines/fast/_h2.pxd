@@ -11,9 +11,9 @@
 #   StreamCore -> bad_message(error, length)     a message it cannot take (1: compressed,
 #                                                2: longer than max_len)
 #                 sink_failed(exc)               the relay's sink raised; it is dropped
-#                 pump_through(through) -> bool  (on a Through's writer: the other side's
-#                                                stream) bytes came: write what fits now;
-#                                                False: wake it (done, or it must wait)
+#                 pump_through(through, more) -> bool  (on a Through's writer: the other
+#                                                side's stream) bytes came: write what fits
+#                                                now; False: wake it (done, or must wait)
 #   ConnCore   -> on_frame(view, ftype, flags, sid, start, end)
 #                                                every frame but plain DATA and WINDOW_UPDATE
 #                 on_end_stream(stream)          END_STREAM on DATA
@@ -49,6 +49,7 @@ cdef class Through:
     cdef public double arrived  # perf_counter() when its last byte came
     cdef public object writer  # the other side's stream while it waits for bytes, or None
     cdef public Py_ssize_t until  # ...and how far it writes
+    cdef public bint fed  # it got bytes in this read (listed in its connection's _fed)
 
     cdef int _push(self, const uint8_t* p, Py_ssize_t n) except -1
 
@@ -137,9 +138,11 @@ cdef class ConnCore:
     cdef public double budget, budget_at  # control frames the peer may send, as of when
     cdef public double control_burst, control_rate  # the budget's size and refill per second
     cdef public Py_ssize_t replies_paused  # replies written since the transport paused
+    cdef public list _fed  # Throughs that got bytes in this read: pumped once, at its end
 
     cdef int _on_read(self, object data, const uint8_t* p, Py_ssize_t size) except -1
     cdef int _read(self, object data, const uint8_t* p, Py_ssize_t size) except -1
+    cdef int _pump_fed(self, bint more) except -1
     cdef int _receive_preface(self, data) except -1
     cdef int _receive(self, data) except -1
     cdef int _receive_buf(self, object data, const uint8_t* p, Py_ssize_t size) except -1

@@ -145,6 +145,7 @@ cdef class Through:
         self.arrived = 0.0
         self.writer = None
         self.until = 0
+        self.fed = False
 
     def __len__(self):
         return self.length
@@ -547,12 +548,9 @@ cdef class StreamCore:
             StreamCore._wake_receiver(self)
             if not self.reading and self._count_unread(messages):
                 return 0  # over the budget: reset
-        elif through is not None and through.received != received:
-            # The writer of a cut-through message waits: what fits goes out from here (no
-            # task switch a read); it wakes when done, or when it must wait for the windows.
-            writer = through.writer
-            if writer is None or not writer.pump_through(through):
-                StreamCore._wake_receiver(self)
+        elif through is not None and through.received != received and not through.fed:
+            through.fed = True  # its writer is pumped (or woken) once, as the read ends
+            self.conn._fed.append(through)
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:
@@ -714,6 +712,7 @@ cdef class ConnCore:
         self.budget_at = 0.0
         self.control_rate = CONTROL_RATE
         self.replies_paused = 0
+        self._fed = []
 
     def get_buffer(self, Py_ssize_t sizehint):
         """asyncio.BufferedProtocol: reads land in one buffer per connection, parsed where
@@ -759,6 +758,8 @@ cdef class ConnCore:
                 self._receive(data)
             else:
                 self._receive_buf(data, p, size)
+            if self._fed:
+                self._pump_fed(p != NULL and size >= READ_SIZE)
         except H2ConnectionError as exc:
             self.abort(exc.code, str(exc))
             return 0
@@ -767,6 +768,24 @@ cdef class ConnCore:
             return 0
         if not self.closed:
             self._maybe_credit_conn()
+        return 0
+
+    cdef int _pump_fed(self, bint more) except -1:
+        """Cut-through messages that got bytes in this read: while the writer waits for
+        bytes, what fits goes out from here, with no task switch (once a read at most;
+        while reads fill the buffer, ``more``, once enough has gathered); the writer is
+        woken when it is done or must wait for the windows."""
+        cdef list fed = self._fed
+        cdef Through through
+        cdef StreamCore source
+        self._fed = []
+        for through in fed:
+            through.fed = False
+            source = through.stream
+            writer = through.writer
+            if (writer is None or not writer.pump_through(through, more)) \
+                    and source is not None:
+                StreamCore._wake_receiver(source)
         return 0
 
     cdef int _receive_preface(self, data) except -1:

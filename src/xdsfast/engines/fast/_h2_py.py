@@ -89,7 +89,7 @@ class Through:
     prefix first, queued as they come from the source stream until the writer takes them
     as DATA frames for the other side."""
 
-    __slots__ = ("_scan", "arrived", "chunks", "failed", "head", "length", "offset",
+    __slots__ = ("_scan", "arrived", "chunks", "failed", "fed", "head", "length", "offset",
                  "received", "stream", "taken", "until", "writer")  # fmt: skip
 
     def __init__(self, stream: StreamCore | None, length: int, head: Any, first: bytes) -> None:
@@ -105,6 +105,7 @@ class Through:
         self.arrived = 0.0  # perf_counter() when its last byte came
         self.writer: Any = None  # the other side's stream while it waits for bytes
         self.until = 0  # ...and how far it writes
+        self.fed = False  # it got bytes in this read (listed in its connection's _fed)
 
     def __len__(self) -> int:
         return self.length
@@ -380,7 +381,7 @@ class StreamCore:
         raise NotImplementedError
 
     # (called on a Through's writer: the other side's stream)
-    def pump_through(self, through: Through) -> bool:
+    def pump_through(self, through: Through, more: bool) -> bool:
         raise NotImplementedError
 
     def on_payload(self, buf: Buffer, start: int, end: int) -> None:
@@ -398,11 +399,9 @@ class StreamCore:
             self._wake_receiver()
             if not self.reading and self._count_unread(messages):
                 return  # over the budget: reset
-        elif through is not None and through.received != received:
-            # The writer of a cut-through message waits (see ``_h2.pyx``).
-            writer = through.writer
-            if writer is None or not writer.pump_through(through):
-                self._wake_receiver()
+        elif through is not None and through.received != received and not through.fed:
+            through.fed = True  # its writer is pumped (or woken) once, as the read ends
+            self.conn._fed.append(through)
         if assembler.error:
             self.bad_message(assembler.error, assembler.error_length)
         elif not messages and not self.messages and self.reading:
@@ -568,6 +567,7 @@ class ConnCore:
         self.budget_at = 0.0  # ... as of when
         self.control_rate = CONTROL_RATE  # ... added per second
         self.replies_paused = 0  # replies written since the transport paused
+        self._fed: list[Through] = []  # Throughs that got bytes in this read
 
     # Called by name; the engine's subclass defines them.
     def on_frame(
@@ -630,6 +630,8 @@ class ConnCore:
                 self._receive(data)
             else:
                 self._receive_preface(data)
+            if self._fed:
+                self._pump_fed(len(data) >= READ_SIZE)
         except H2ConnectionError as exc:
             self.abort(exc.code, str(exc))
             return
@@ -638,6 +640,18 @@ class ConnCore:
             return
         if not self.closed:
             self._maybe_credit_conn()
+
+    def _pump_fed(self, more: bool) -> None:
+        """Cut-through messages that got bytes in this read (``more``: it filled the
+        buffer): their writers pumped once (see ``_h2.pyx``)."""
+        fed, self._fed = self._fed, []
+        for through in fed:
+            through.fed = False
+            source = through.stream
+            writer = through.writer
+            pumped = writer is not None and writer.pump_through(through, more)
+            if not pumped and source is not None:
+                source._wake_receiver()
 
     def _receive_preface(self, data: Buffer) -> None:
         buf = self.buf

@@ -50,10 +50,12 @@ CONN_WINDOW = 16 << 20
 MAX_HEADER_LIST = 64 << 10  # decoded header list size we accept
 MAX_HEADER_BLOCK = 256 << 10  # encoded header block (HEADERS + CONTINUATION) we buffer
 # Cut-through: a response from istiod this big or bigger is offered to the relay's judge
-# and, if it says yes, written to Envoy as it arrives; smaller ones are held whole (they
-# cost little, and whole they take the one-frame fast path).
-THROUGH_MIN = 1 << 20
-THROUGH_WRITE = 256 << 10  # written at most at a time, so the transport buffers little
+# and, if it says yes, written to Envoy as it arrives; smaller ones are held whole: they
+# cost little, and whole they go out in one write (5 MB pushes back to back cost ~15 %
+# more relay CPU relayed as they came, at 1 MiB; 40 MB ones ~70 % less).
+THROUGH_MIN = 8 << 20
+THROUGH_WRITE = 1 << 20  # written at most at a time, so the transport buffers little...
+THROUGH_BATCH = 1 << 20  # ...and at least while full reads say more is waiting to be read
 # How long a closed connection may take to flush what it wrote (a peer that does not read
 # would otherwise keep it, and its buffer, forever).
 CLOSE_GRACE = 2.0
@@ -274,10 +276,15 @@ class Stream(_h2.StreamCore):
             wrote = True
         return wrote
 
-    def pump_through(self, through: _h2.Through) -> bool:
+    def pump_through(self, through: _h2.Through, more: bool) -> bool:
         """The source's read callback brought bytes while ``write_through`` waits: write
         what fits now, and say whether the writer may sleep on (all that came is written,
-        more is to come) rather than be woken (no task switch a read)."""
+        more is to come) rather than be woken (no task switch a read).  While ``more``
+        (the read filled the buffer: more is waiting in the socket), bytes gather up to
+        ``THROUGH_BATCH`` first: a write (a syscall) each, not one a read."""
+        ready = min(through.received, through.until) - through.taken
+        if more and ready < THROUGH_BATCH and through.received < through.length:
+            return not through.failed  # (istiod's window, 4 MiB, lets the rest come)
         self._pump(through)
         return (
             not through.failed
