@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from twins import PARAMS, Cores
+from wasm_modules import ModuleServer
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config
@@ -222,3 +223,12 @@ async def clients() -> AsyncIterator[list[AdsClient]]:
     yield opened
     for client in opened:
         await client.close()
+
+
+@pytest_asyncio.fixture
+async def modules() -> AsyncIterator[ModuleServer]:
+    """A loopback server of Wasm modules (tests/wasm_modules.py), stopped after the test."""
+    server = ModuleServer()
+    await server.start()
+    yield server
+    await server.stop()

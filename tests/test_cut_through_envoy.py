@@ -34,7 +34,8 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.wasm.v3 import wasm_pb2 as http_wasm_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from support import MODES, free_port, needs_envoy
-from test_wasm import MODULE_SHA, ModuleServer, ecds_listener, extension
+from test_wasm import ecds_listener, extension
+from wasm_modules import MODULE_SHA, ModuleServer
 
 from xdsfast.agent import Agent
 from xdsfast.engines.fast import protocol
@@ -107,14 +108,6 @@ def acks(type_url: str, version: str) -> Callable[[Recorded], bool]:
 
 def equals(value: int) -> Callable[[int], bool]:
     return lambda v: v == value
-
-
-@pytest_asyncio.fixture
-async def modules() -> AsyncIterator[ModuleServer]:
-    server = ModuleServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest_asyncio.fixture

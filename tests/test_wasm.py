@@ -8,12 +8,11 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from conftest import AgentFactory
 from envoy.config.core.v3 import base_pb2, config_source_pb2, extension_pb2, http_uri_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -32,6 +31,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from support import MODES, connect, free_port, needs_envoy
 from udpa.type.v1 import typed_struct_pb2
+from wasm_modules import MODULE, MODULE_SHA, SIZE_LIMIT, ModuleServer
 
 from xdsfast.agent import Agent
 from xdsfast.config import Config
@@ -51,91 +51,11 @@ from xdsfast.wasm.fetch import FetchSettings
 from xdsfast.wasm.metrics import WasmMetrics
 
 ECDS = EXTENSION_CONFIG
-MODULE = b"\x00asm\x01\x00\x00\x00" + bytes(range(256)) * 4
-MODULE_SHA = hashlib.sha256(MODULE).hexdigest()
 HTTP_RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 NETWORK_RBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
-SIZE_LIMIT = 64 * 1024
 
 
 # ----- the module source ------------------------------------------------------------------
-
-
-class ModuleServer:
-    """A loopback HTTP server: the module, slowly, failing, oversized, chunked, redirected."""
-
-    def __init__(self) -> None:
-        self.hits: dict[str, int] = {}
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._release = asyncio.Event()  # lets /slow's handlers end at teardown
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        self._release.set()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            path = head.split(b" ", 2)[1].decode()
-            self.hits[path] = self.hits.get(path, 0) + 1
-            if path.startswith("/module") or path.startswith("/other"):
-                writer.write(_answer(200, MODULE))
-            elif path == "/chunked":
-                chunks = b"".join(
-                    b"%x\r\n%s\r\n" % (len(MODULE[i : i + 100]), MODULE[i : i + 100])
-                    for i in range(0, len(MODULE), 100)
-                )
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
-                )
-            elif path == "/redirect":
-                writer.write(
-                    b"HTTP/1.1 302 Found\r\nLocation: /module-r\r\nContent-Length: 0\r\n\r\n"
-                )
-            elif path == "/fail":
-                writer.write(_answer(503, b"try later"))
-            elif path == "/missing":
-                writer.write(_answer(404, b"no"))
-            elif path == "/big":
-                writer.write(_answer(200, b"\x00" * (SIZE_LIMIT + 1)))
-            elif path == "/big-unsized":
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"\0" * (SIZE_LIMIT + 1)
-                )
-            elif path == "/slow":
-                await self._release.wait()
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-
-def _answer(status: int, body: bytes) -> bytes:
-    return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-        status,
-        len(body),
-        body,
-    )
-
-
-@pytest_asyncio.fixture
-async def modules() -> AsyncIterator[ModuleServer]:
-    server = ModuleServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 # ----- configs ------------------------------------------------------------------------------
