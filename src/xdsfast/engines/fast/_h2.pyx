@@ -150,6 +150,11 @@ cdef class Through:
     def __len__(self):
         return self.length
 
+    @property
+    def ready(self):
+        """Bytes received and not taken, up to ``until`` (what the writer may write now)."""
+        return (self.received if self.received < self.until else self.until) - self.taken
+
     cdef int _push(self, const uint8_t* p, Py_ssize_t n) except -1:
         """The next ``n`` bytes from the source."""
         if self.failed:

@@ -110,6 +110,11 @@ class Through:
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def ready(self) -> int:
+        """Bytes received and not taken, up to ``until`` (what the writer may write now)."""
+        return min(self.received, self.until) - self.taken
+
     def _push(self, chunk: bytes) -> None:
         """The next bytes from the source; the judge reads them (raising: ``failed``)."""
         if self.failed:

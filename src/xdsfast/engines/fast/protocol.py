@@ -211,13 +211,17 @@ class Stream(_h2.StreamCore):
                 await conn.wait_window()
                 continue
             n = min(window, total - offset)
-            self.send_window -= n
-            conn.send_window -= n
-            conn.sent_data = True
+            self._spend(n)
             conn.writelines(_h2.data_frames(data, offset, n, self.id, conn.peer_max_frame))
             offset += n
         if conn.write_paused:
             await conn.drain()
+
+    def _spend(self, count: int) -> None:
+        """``count`` DATA bytes are about to be written: they leave both send windows."""
+        self.send_window -= count
+        self.conn.send_window -= count
+        self.conn.sent_data = True
 
     async def write_through(self, through: _h2.Through, whole: bool) -> None:
         """Write ``through``'s bytes as they arrive, as far as the windows and the socket
@@ -239,7 +243,7 @@ class Stream(_h2.StreamCore):
                     raise self.failure() if self.error else StreamError(conn.lost_status())
                 if self._pump(through):
                     continue
-                if min(through.received, until) > through.taken:  # ready: the windows wait
+                if through.ready:  # the windows or the socket hold it back
                     if conn.write_paused:
                         await conn.drain()
                     else:
@@ -261,17 +265,10 @@ class Stream(_h2.StreamCore):
         conn = self.conn
         wrote = False
         while not (self.closed or conn.closed or conn.write_paused):
-            count = min(
-                min(through.received, through.until) - through.taken,
-                self.send_window,
-                conn.send_window,
-                THROUGH_WRITE,
-            )
+            count = min(through.ready, self.send_window, conn.send_window, THROUGH_WRITE)
             if count <= 0:
                 break
-            self.send_window -= count
-            conn.send_window -= count
-            conn.sent_data = True
+            self._spend(count)
             conn.writelines(through.frames(count, self.id, conn.peer_max_frame))
             wrote = True
         return wrote
@@ -282,15 +279,10 @@ class Stream(_h2.StreamCore):
         more is to come) rather than be woken (no task switch a read).  While ``more``
         (the read filled the buffer: more is waiting in the socket), bytes gather up to
         ``THROUGH_BATCH`` first: a write (a syscall) each, not one a read."""
-        ready = min(through.received, through.until) - through.taken
-        if more and ready < THROUGH_BATCH and through.received < through.length:
+        if more and through.ready < THROUGH_BATCH and through.received < through.length:
             return not through.failed  # (istiod's window, 4 MiB, lets the rest come)
         self._pump(through)
-        return (
-            not through.failed
-            and through.received < through.length
-            and through.taken == min(through.received, through.until)
-        )
+        return not through.failed and through.received < through.length and not through.ready
 
 
 # -- connection ------------------------------------------------------------------------------
