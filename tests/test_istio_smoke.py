@@ -1,6 +1,8 @@
 """Smoke test with Istio's own binaries: istiod's real xDS generation (``istiod-fake``)
 reaches an Envoy-like ADS client through the stock ``pilot-agent`` and through
-``xdsfast run``, and both agents hold the same NameTable and answer DNS from it.
+``xdsfast run``, and both agents hold the same NameTable and answer DNS from it. Then a
+push of istiod's own making over the cut-through threshold (``THROUGH_MIN``, 8 MiB)
+through ``xdsfast run`` on each engine.
 
 The peers are built by scripts/build-istio-peers (see tests/istio_peers.py): without Go
 these tests ERROR, naming the README section; ``XDSFAST_SKIP_ISTIO=1`` skips them.
@@ -8,8 +10,10 @@ these tests ERROR, naming the README section; ``XDSFAST_SKIP_ISTIO=1`` skips the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ from istio_peers import (
 )
 from support import free_port
 
+from xdsfast.engines.fast import protocol
 from xdsfast.peers.adsclient import AdsClient
 from xdsfast.peers.backend import http_get
 from xdsfast.typeurls import CLUSTER, LISTENER
@@ -49,6 +54,10 @@ SERVICE = "hello.smoke.svc.cluster.local"
 SERVICE_IP = "10.96.0.10"
 SERVICE_CLUSTER = f"outbound|80||{SERVICE}"
 AUTO_HOST = "api.smoke.test"  # a ServiceEntry without addresses
+# A ServiceEntry that makes istiod's CDS response about 11 MB (about 570 bytes a cluster,
+# one cluster a host and port): over THROUGH_MIN, so the fast engine cuts it through.
+BIG_HOSTS, BIG_PORTS = 2500, range(8000, 8008)
+DEADLINE = 20.0
 
 
 @pytest.fixture(scope="session")
@@ -236,3 +245,89 @@ async def test_istiod_fake_control_interface(istiod: IstiodFake) -> None:
     finally:
         await client.close()
     assert await istiod.stop() == 0
+
+
+def big_service_entry() -> str:
+    """One ServiceEntry in the proxy's namespace: BIG_HOSTS hosts x 8 ports, no
+    addresses (istiod allocates each host a VIP for the proxy's NameTable)."""
+    lines = ["apiVersion: networking.istio.io/v1", "kind: ServiceEntry"]
+    lines += [f"metadata: {{name: big, namespace: {NAMESPACE}}}", "spec:", "  hosts:"]
+    lines += [f"  - {big_host(i)}" for i in range(BIG_HOSTS)]
+    lines.append("  ports:")  # (several hosts: each port's protocol must be HTTP or TLS)
+    lines += [f"  - {{number: {port}, name: http-{port}, protocol: HTTP}}" for port in BIG_PORTS]
+    lines += ["  resolution: DNS", "  location: MESH_EXTERNAL"]
+    return "\n".join(lines) + "\n"
+
+
+def big_host(i: int) -> str:
+    return f"h{i}.big.test"
+
+
+async def debug_clusters(status_port: int) -> dict[str, Any]:
+    """xdsfast's ``/debug/xds`` for CDS on its one stream."""
+    status, _, body = await http_get("127.0.0.1", status_port, "/debug/xds")
+    assert status == 200, body[:200]
+    (stream,) = json.loads(body)["streams"]
+    clusters: dict[str, Any] = stream["types"][CLUSTER]
+    return clusters
+
+
+async def streamed_responses(status_port: int) -> float:
+    """xdsfast's ``xdsfast_xds_streamed_responses_total``."""
+    status, _, body = await http_get("127.0.0.1", status_port, "/stats/prometheus")
+    assert status == 200, body[:200]
+    for line in body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "xdsfast_xds_streamed_responses_total":
+            return float(value)
+    raise AssertionError("no xdsfast_xds_streamed_responses_total in /stats/prometheus")
+
+
+async def test_a_push_over_the_cut_through_threshold_from_istiod(
+    istio: Peers, short_tmp: Path, xdsfast_run: XdsfastFactory, engine: str
+) -> None:
+    """istiod's 11 MB CDS response reaches the client whole, with every cluster, and is
+    ACKed through xdsfast; /debug/xds names its version and nonce (the streaming peeker's,
+    on the fast engine); the fast engine counts it cut through, grpcio holds it whole; the
+    NameTable istiod sends next is still consumed (DNS answers a big entry's host)."""
+    big = short_tmp / "big.yaml"
+    big.write_text(big_service_entry())
+    fake = await start_istiod_fake(istio, [YAML_DIR / "smoke.yaml", big], short_tmp / "big")
+    try:
+        dns_port = free_port()
+        xdsfast = await xdsfast_run(
+            "--discovery-address",
+            fake.xds_address,
+            "--dns",
+            "--dns-address",
+            f"127.0.0.1:{dns_port}",
+            env={"POD_NAMESPACE": NAMESPACE, "ISTIO_META_CLUSTER_ID": "Kubernetes"},
+        )
+        assert xdsfast.status_port is not None
+        node = istio_node(namespace=NAMESPACE)
+        client = AdsClient(f"unix:{xdsfast.socket_path}")
+        await client.open()
+        try:
+            cds = await fetch(client, CLUSTER, node)
+            await fetch(client, LISTENER, node)  # (xdsfast asks for the NameTable after it)
+            await wait_ready(xdsfast.status_port)
+            table = await name_table(xdsfast.status_port)
+            answer = await a_record(dns_port, big_host(BIG_HOSTS - 1))
+            deadline = time.monotonic() + DEADLINE
+            while (seen := await debug_clusters(xdsfast.status_port))["ack_nonce"] != cds.nonce:
+                assert time.monotonic() < deadline, seen
+                await asyncio.sleep(0.05)
+            streamed = await streamed_responses(xdsfast.status_port)
+        finally:
+            await client.close()
+    finally:
+        assert await fake.stop() == 0
+
+    assert cds.ByteSize() > protocol.THROUGH_MIN
+    found = names(cds, cluster_pb2.Cluster)
+    expected = {f"outbound|{port}||{big_host(i)}" for i in range(BIG_HOSTS) for port in BIG_PORTS}
+    assert expected <= found and SERVICE_CLUSTER in found
+    assert (seen["version"], seen["nonce"], seen["ack"]) == (cds.version_info, cds.nonce, "ACK")
+    assert streamed == (1 if engine == "fast" else 0)
+    assert table[big_host(BIG_HOSTS - 1)]["ips"] == answer
+    assert answer[0].startswith("240.240.")
