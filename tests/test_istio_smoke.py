@@ -24,7 +24,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 import pytest_asyncio
-from conftest import XdsfastFactory
+from conftest import XdsfastFactory, XdsfastProcess
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -127,6 +127,21 @@ async def a_record(dns_port: int, name: str) -> list[str]:
     return sorted(item.to_text() for rrset in reply.answer for item in rrset)
 
 
+async def start_xdsfast(run: XdsfastFactory, fake: IstiodFake) -> tuple[XdsfastProcess, int]:
+    """``xdsfast run`` for a sidecar in NAMESPACE, upstream ``fake``, its DNS proxy on a
+    free port (returned with it)."""
+    dns_port = free_port()
+    proc = await run(
+        "--discovery-address",
+        fake.xds_address,
+        "--dns",
+        "--dns-address",
+        f"127.0.0.1:{dns_port}",
+        env={"POD_NAMESPACE": NAMESPACE, "ISTIO_META_CLUSTER_ID": "Kubernetes"},
+    )
+    return proc, dns_port
+
+
 def check_config(clusters: set[str], listeners: set[str]) -> None:
     # Istio's generator, not a stand-in: its fixed clusters, and the Service's own.
     assert {"BlackHoleCluster", "PassthroughCluster", "InboundPassthroughCluster"} <= clusters
@@ -158,15 +173,7 @@ async def test_pilot_agent_and_xdsfast_relay_istiods_own_config(
     finally:
         assert await agent.stop() == 0
 
-    dns_port = free_port()
-    xdsfast = await xdsfast_run(
-        "--discovery-address",
-        istiod.xds_address,
-        "--dns",
-        "--dns-address",
-        f"127.0.0.1:{dns_port}",
-        env={"POD_NAMESPACE": NAMESPACE, "ISTIO_META_CLUSTER_ID": "Kubernetes"},
-    )
+    xdsfast, dns_port = await start_xdsfast(xdsfast_run, istiod)
     assert xdsfast.status_port is not None
     async with sidecar(f"unix:{xdsfast.socket_path}") as xdsfast_config:
         await wait_ready(xdsfast.status_port)
@@ -294,15 +301,7 @@ async def test_a_push_over_the_cut_through_threshold_from_istiod(
     big.write_text(big_service_entry())
     fake = await start_istiod_fake(istio, [YAML_DIR / "smoke.yaml", big], short_tmp / "big")
     try:
-        dns_port = free_port()
-        xdsfast = await xdsfast_run(
-            "--discovery-address",
-            fake.xds_address,
-            "--dns",
-            "--dns-address",
-            f"127.0.0.1:{dns_port}",
-            env={"POD_NAMESPACE": NAMESPACE, "ISTIO_META_CLUSTER_ID": "Kubernetes"},
-        )
+        xdsfast, dns_port = await start_xdsfast(xdsfast_run, fake)
         assert xdsfast.status_port is not None
         node = istio_node(namespace=NAMESPACE)
         client = AdsClient(f"unix:{xdsfast.socket_path}")
