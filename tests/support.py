@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ needs_envoy = pytest.mark.skipif(
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait until ``condition()`` holds, checking every 10 ms, or fail naming ``what``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.01)
 
 
 def load_benchmark(name: str) -> Any:

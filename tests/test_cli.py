@@ -80,6 +80,7 @@ BAD_RUN = {
     "dns capture": (["--plaintext"], {"ISTIO_META_DNS_CAPTURE": "maybe"}),
     "keepalive": (["--plaintext"], {"GRPC_KEEPALIVE_INTERVAL": "soon"}),
     "max recv": (["--plaintext"], {"ISTIO_GPRC_MAXRECVMSGSIZE": "-4"}),
+    "envoy send buffer": (["--plaintext"], {"XDSFAST_ENVOY_SEND_BUFFER": "lots"}),
     "proxy config": (["--plaintext"], {"PROXY_CONFIG": "discoveryAddress: [unclosed"}),
     "proxy config type": (["--plaintext"], {"PROXY_CONFIG": "[1, 2]"}),
     "xds header": (["--plaintext"], {"XDS_HEADER_BAD NAME": "x"}),

@@ -166,3 +166,31 @@ def test_good_discovery_addresses(address: str) -> None:
 def test_bad_discovery_addresses(address: str) -> None:
     with pytest.raises(ConfigError):
         build({"discovery_address": address}, {})
+
+
+@pytest.mark.parametrize(
+    ("value", "size"), [(None, 1 << 20), ("0", 0), ("4194304", 4 << 20), ("1073741824", 1 << 30)]
+)
+def test_envoy_send_buffer(value: str | None, size: int) -> None:
+    env = {} if value is None else {"XDSFAST_ENVOY_SEND_BUFFER": value}
+    assert build({}, env).envoy_send_buffer == size
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("-1", "must be 0 or more"),
+        ("1MiB", "is not an integer"),
+        ("1073741825", "must be at most 1073741824"),
+        ("99999999999999999999", "must be at most 1073741824"),
+    ],
+)
+def test_bad_envoy_send_buffer(value: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=f"^XDSFAST_ENVOY_SEND_BUFFER='{value}' {why}$"):
+        build({}, {"XDSFAST_ENVOY_SEND_BUFFER": value})
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_positive_integers_stay_positive(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^ISTIO_GPRC_MAXSTREAMS='{value}' must be positive$"):
+        build({}, {"ISTIO_GPRC_MAXSTREAMS": value})

@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import re
+import socket
 import struct
+import termios
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import grpc
 import hpack
 import pytest
 import pytest_asyncio
+from conftest import AgentFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import eventually
 from twins import Cores, both
 
 from xdsfast.engines import SERVICE, Code, Downstream, Mode, Status, StreamError
@@ -458,6 +464,76 @@ async def test_a_slow_reader_backpressures_the_sender(server: engine.FastServer)
         assert got is not None
         received += got[3]
     assert received == grpc_message(message)
+
+
+def _net_core(name: str) -> int:
+    return int(Path(f"/proc/sys/net/core/{name}").read_text())
+
+
+@pytest.mark.parametrize("asked", [0, 1 << 20])
+async def test_envoy_connections_get_the_send_buffer_asked(short_tmp: Path, asked: int) -> None:
+    """``send_buffer`` (XDSFAST_ENVOY_SEND_BUFFER) on a Unix connection, while a big message
+    is written: the kernel's buffer is twice what was asked, capped at net.core.wmem_max,
+    and holds at least half of it for an Envoy that reads nothing yet; once the message is
+    written, it is the kernel's default again (net.core.wmem_default; 0 asked: always)."""
+    default = _net_core("wmem_default")
+    wide = 2 * min(asked, _net_core("wmem_max")) if asked else default
+    size = 8 << 20
+    written = asyncio.Event()
+
+    async def push(downstream: Downstream, mode: Mode) -> Status:
+        await downstream.send(b"x" * size)
+        written.set()
+        await asyncio.Event().wait()  # (until the stream or the server ends)
+        return Status()
+
+    srv = engine.FastServer(push, engine.ServerSettings(send_buffer=asked))
+    await srv.start(str(short_tmp / "b.sock"), None)
+    try:
+        raw = await Raw.open(socket_path(srv), window=16 << 20)
+        reading = cast(asyncio.Transport, raw.writer.transport)
+        reading.pause_reading()  # an Envoy that reads nothing yet
+        raw.send(frame(FrameType.WINDOW_UPDATE, 0, 0, struct.pack(">I", 16 << 20)))
+        raw.send(raw.headers(1))
+        await eventually(lambda: bool(srv.connections), "the connection accepted")
+        (conn,) = srv.connections
+        transport = conn.transport
+        assert transport is not None
+        server_side = transport.get_extra_info("socket")
+        # (the kernel took all it could: the server holds the rest)
+        await eventually(lambda: transport.get_write_buffer_size() > 0, "bytes held back")
+        assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == wide
+        queued = bytearray(4)
+        fcntl.ioctl(raw.writer.get_extra_info("socket").fileno(), termios.FIONREAD, queued)
+        assert int.from_bytes(queued, "little") >= wide // 2
+        reading.resume_reading()  # Envoy reads it all
+        got = 0
+        while got < size + 5:
+            data = await raw.until(FrameType.DATA)
+            assert data is not None
+            got += len(data[3])
+        await asyncio.wait_for(written.wait(), 10)
+        assert server_side.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        raw.close()
+    finally:
+        await srv.stop(0)
+
+
+@pytest.mark.parametrize("engine", ["fast"])
+@pytest.mark.parametrize("asked", [0, 768 << 10])
+async def test_the_agent_passes_its_configured_send_buffer(
+    make_agent: AgentFactory, asked: int
+) -> None:
+    """Config.envoy_send_buffer (XDSFAST_ENVOY_SEND_BUFFER) reaches Envoy's connections."""
+    agent = await make_agent(discovery_address="127.0.0.1:1", envoy_send_buffer=asked)
+    srv = cast(engine.FastServer, agent.server)
+    _, writer = await asyncio.open_unix_connection(agent.config.xds_socket)
+    try:
+        await eventually(lambda: bool(srv.connections), "the connection accepted")
+        (conn,) = srv.connections
+        assert conn.send_buffer == asked
+    finally:
+        writer.close()
 
 
 async def test_unconsumed_requests_are_not_credited(short_tmp: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from conftest import XdsfastFactory, XdsfastProcess
-from support import free_port
+from support import eventually, free_port
 from twins import both
 
 from xdsfast import _ext
@@ -481,14 +481,6 @@ async def make_server(short_tmp: Path) -> AsyncIterator[ServerFactory]:
 def path_of(srv: fast.FastServer) -> str:
     assert srv._unix_path is not None
     return srv._unix_path
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 async def test_streams_not_read_yet_hold_one_connection_window_then_flow(

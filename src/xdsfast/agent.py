@@ -43,7 +43,11 @@ def _engine(config: Config) -> tuple[Dialer, Callable[[StreamHandler], _Server]]
     """The one place the engine is chosen (``Config.engine``): its dialer and server."""
     c = config
     server_settings = ServerSettings(
-        c.max_recv_msg_size, c.max_concurrent_streams, c.keepalive_interval, c.keepalive_timeout
+        c.max_recv_msg_size,
+        c.max_concurrent_streams,
+        c.keepalive_interval,
+        c.keepalive_timeout,
+        c.envoy_send_buffer,
     )
     dial_settings = DialSettings(
         c.discovery_address,

@@ -43,6 +43,10 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 100_000  # ISTIO_GPRC_MAXSTREAMS
 DEFAULT_KEEPALIVE_INTERVAL = 30.0  # GRPC_KEEPALIVE_INTERVAL, seconds
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0  # GRPC_KEEPALIVE_TIMEOUT, seconds
 DEFAULT_HEAP_RELEASE_INTERVAL = 5.0  # XDSFAST_HEAP_RELEASE_INTERVAL, seconds
+# XDSFAST_ENVOY_SEND_BUFFER: SO_SNDBUF asked for Envoy's Unix socket connections (the kernel
+# doubles it, capped at net.core.wmem_max); 0: the kernel's default (net.core.wmem_default)
+DEFAULT_ENVOY_SEND_BUFFER = 1 << 20
+ENVOY_SEND_BUFFER_MAX = 1 << 30
 # The Wasm module cache and its downloads
 DEFAULT_WASM_CACHE_DIR = "/var/lib/istio/data"  # --wasm-cache-dir
 DEFAULT_WASM_MODULE_EXPIRY = 24 * 3600.0  # WASM_MODULE_EXPIRY: a day unused, then deleted
@@ -112,6 +116,9 @@ class Config:
     # XDSFAST_HEAP_RELEASE_INTERVAL: freed buffers are kept for the next push and given back
     # this often (seconds); 0 (or glibc malloc tuned through its own variables): glibc's policy
     heap_release_interval: float = DEFAULT_HEAP_RELEASE_INTERVAL
+    # XDSFAST_ENVOY_SEND_BUFFER: the kernel's send buffer for each Envoy connection on the
+    # Unix socket (fast engine), so a big push goes to Envoy in fewer, larger writes
+    envoy_send_buffer: int = DEFAULT_ENVOY_SEND_BUFFER
     # ECDS Wasm conversion (Istio's env vars; the cache directory also --wasm-cache-dir)
     wasm_conversion: bool = True  # ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION
     wasm_cache_dir: str = DEFAULT_WASM_CACHE_DIR
@@ -207,6 +214,13 @@ class Config:
             node_metadata=node_metadata(env),
             engine=_engine(flags.get("engine"), env),
             heap_release_interval=_heap_release_interval(env),
+            envoy_send_buffer=_int(
+                env,
+                "XDSFAST_ENVOY_SEND_BUFFER",
+                DEFAULT_ENVOY_SEND_BUFFER,
+                zero_allowed=True,
+                at_most=ENVOY_SEND_BUFFER_MAX,
+            ),
             wasm_conversion=env.get("ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION", "") == ""
             or _bool(env, "ISTIO_AGENT_ENABLE_WASM_REMOTE_LOAD_CONVERSION"),
             wasm_cache_dir=_first(flags.get("wasm_cache_dir"), None, DEFAULT_WASM_CACHE_DIR),
@@ -342,7 +356,14 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name}={value!r} is not a boolean (true or false)")
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int,
+    *,
+    zero_allowed: bool = False,
+    at_most: int | None = None,
+) -> int:
     value = env.get(name, "")
     if value == "":
         return default
@@ -350,8 +371,10 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         number = int(value)
     except ValueError:
         raise ConfigError(f"{name}={value!r} is not an integer") from None
-    if number <= 0:
-        raise ConfigError(f"{name}={value!r} must be positive")
+    if number < 0 or (number == 0 and not zero_allowed):
+        raise ConfigError(f"{name}={value!r} must be {'0 or more' if zero_allowed else 'positive'}")
+    if at_most is not None and number > at_most:
+        raise ConfigError(f"{name}={value!r} must be at most {at_most}")
     return number
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xdsfast.config import (
+    DEFAULT_ENVOY_SEND_BUFFER,
     DEFAULT_KEEPALIVE_INTERVAL,
     DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -206,6 +207,7 @@ class ServerSettings:
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    send_buffer: int = DEFAULT_ENVOY_SEND_BUFFER  # SO_SNDBUF on Unix connections (fast engine)
 
 
 @dataclass(frozen=True)

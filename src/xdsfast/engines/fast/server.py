@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from typing import TYPE_CHECKING, cast
 from urllib.parse import quote
 
@@ -95,6 +96,11 @@ class _ServerConnection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.server.connections.add(self)
+        size = self.server.settings.send_buffer
+        sock = transport.get_extra_info("socket")
+        if size and sock is not None and sock.family == socket.AF_UNIX:
+            # (Not on TCP: there, setting it would turn the kernel's autotuning off.)
+            self.wide_send_buffer(sock, size)
         name = transport.get_extra_info("peername")
         if isinstance(name, tuple) and len(name) >= 2:
             self.peer = (
