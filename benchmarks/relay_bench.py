@@ -921,18 +921,18 @@ def table(summary: dict[str, dict[str, Any]], s: Settings) -> str:
             f"{_fmt(agg.get('streamed'), '.0f', '-'):>10}"
         )
 
+    def cpu_and_rss(agg: dict[str, Any], size: int) -> str:
+        """Relay CPU a push (ms), then ``over_idle``: the big-push tables' right half."""
+        return f"{_fmt(cpu_per_message(agg, 1e3), '.1f'):>19}{over_idle(agg, size)}"
+
     def big(name: str, row: dict[str, Any], bg: dict[str, Any], size: int) -> str:
         return (
             f"{bg['wall']:>8.2f}{_fmt(bg.get('mbps'), '.0f'):>7}{bg['rate']:>10.2f}"
-            f"{ratio(bg, name)}"
-            f"{_fmt(cpu_per_message(bg, 1e3), '.1f'):>19}{over_idle(bg, size)}"
+            f"{ratio(bg, name)}{cpu_and_rss(bg, size)}"
         )
 
     def peak(name: str, row: dict[str, Any], pk: dict[str, Any], size: int) -> str:
-        return (
-            f"{pk['wall']:>8.2f}{ratio(pk, name)}"
-            f"{_fmt(cpu_per_message(pk, 1e3), '.1f'):>19}{over_idle(pk, size)}"
-        )
+        return f"{pk['wall']:>8.2f}{ratio(pk, name)}{cpu_and_rss(pk, size)}"
 
     section(
         "storm",
